@@ -1,0 +1,163 @@
+"""What counts as an attachment, and what it is called.
+
+Facts and the encryption transform both walk a message with `walk_attachments`, so
+"an attachment" means the same thing to the rule that inspects it and to the
+transform that protects it. Attachments hide in several places (FIELD-NOTES):
+`Content-Disposition: attachment`, `inline` parts with a filename, parts that carry
+only `Content-Type; name=`, and parts of a nested `message/rfc822`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+
+# policy.SMTP emits CRLF; refold_source="none" keeps parsed headers byte-identical
+# (a re-folded ISO-2022-JP Subject or DKIM-Signature would come back changed).
+SMTP_POLICY = email_policy.SMTP.clone(refold_source="none")
+
+MAX_DEPTH = 20
+MAX_PARTS = 2000
+
+_PARAM = re.compile(rb'(?:file)?name\*?=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
+
+
+def parse(raw: bytes) -> EmailMessage:
+    """Parse raw message bytes with the policy that round-trips them unchanged."""
+    message = BytesParser(policy=SMTP_POLICY).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentPart:
+    part: Message
+    filename: str | None
+    depth: int
+    inside_message: bool  # found inside a nested message/rfc822
+
+
+@dataclass(slots=True)
+class WalkLimits:
+    """Counts what a walk saw; `exceeded` says it stopped early."""
+
+    max_depth: int = MAX_DEPTH
+    max_parts: int = MAX_PARTS
+    parts_seen: int = 0
+    exceeded: str | None = None
+
+
+def is_attachment(part: Message) -> bool:
+    """A leaf part is an attachment if it is declared one or carries a filename.
+
+    An inline image without a filename (a `cid:` picture in an HTML body) is body, not
+    an attachment; so are text parts without a filename.
+    """
+    if part.is_multipart():
+        return False
+    if part.get_content_disposition() == "attachment":
+        return True
+    return filename_of(part) is not None
+
+
+def walk_attachments(message: Message, limits: WalkLimits | None = None) -> Iterator[AttachmentPart]:
+    """Yield every attachment, depth first, including those inside message/rfc822 parts.
+
+    A message/rfc822 part that is itself declared an attachment is yielded whole (a
+    forwarded .eml is one file to the recipient), and its inner attachments are then
+    yielded as well, flagged `inside_message`, so that inspection sees them.
+    """
+    limits = limits if limits is not None else WalkLimits()
+    yield from _walk(message, 0, False, limits)
+
+
+def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterator[AttachmentPart]:
+    limits.parts_seen += 1
+    if limits.parts_seen > limits.max_parts:
+        limits.exceeded = limits.exceeded or f"more than {limits.max_parts} parts"
+        return
+    if depth > limits.max_depth:
+        limits.exceeded = limits.exceeded or f"nested deeper than {limits.max_depth}"
+        return
+    if part.get_content_type() == "message/rfc822":
+        if part.get_content_disposition() == "attachment" or filename_of(part) is not None:
+            yield AttachmentPart(part, filename_of(part), depth, inside)
+        payload = part.get_payload()
+        inner = payload if isinstance(payload, list) else [payload]
+        for sub in inner:
+            if isinstance(sub, Message):
+                yield from _walk(sub, depth + 1, True, limits)
+        return
+    if part.is_multipart():
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            for sub in payload:
+                yield from _walk(sub, depth + 1, inside, limits)
+        return
+    if is_attachment(part):
+        yield AttachmentPart(part, filename_of(part), depth, inside)
+
+
+def filename_of(part: Message) -> str | None:
+    """The decoded filename, from Content-Disposition or else Content-Type `name=`.
+
+    RFC 2231 and the common RFC 2047-inside-quotes form are decoded by the email
+    package. Raw 8-bit names (as `swaks --attach-name` or old Japanese clients send)
+    come back with replacement characters; those are decoded from the raw header
+    bytes, trying UTF-8 and then CP932 (Shift_JIS as Windows writes it).
+    """
+    try:
+        name = part.get_filename()
+    except (ValueError, LookupError, TypeError):  # broken RFC 2231/2047 encoding
+        name = None
+    if name is None:
+        try:
+            name = part.get_param("name", header="content-type")  # type: ignore[assignment]
+        except (ValueError, LookupError, TypeError):
+            name = None
+        if isinstance(name, tuple):  # RFC 2231 triple that get_param did not collapse
+            name = _collapse(name)
+    if name is None:
+        return _raw_8bit_name(part)
+    if "\ufffd" in name or _has_surrogates(name):
+        return _raw_8bit_name(part) or name.encode("utf-8", "replace").decode("utf-8")
+    return name.strip() or None
+
+
+def _collapse(value: tuple[str, str | None, str]) -> str:
+    charset, _, text = value
+    try:
+        return text.encode("latin-1", "surrogateescape").decode(charset or "utf-8", "replace")
+    except LookupError:
+        return text
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _raw_8bit_name(part: Message) -> str | None:
+    for header in ("content-disposition", "content-type"):
+        for key, value in part.raw_items():
+            if key.lower() != header:
+                continue
+            raw = str(value).encode("ascii", "surrogateescape")
+            if all(b < 0x80 for b in raw):
+                continue
+            match = _PARAM.search(raw)
+            if match:
+                return decode_8bit(match.group(1) or match.group(2))
+    return None
+
+
+def decode_8bit(raw: bytes) -> str:
+    for charset in ("utf-8", "cp932"):
+        try:
+            return raw.decode(charset)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")
