@@ -1,0 +1,1 @@
+"""The durable store: models, the state machine, the repository and migrations."""

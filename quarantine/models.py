@@ -1,0 +1,156 @@
+"""SQLAlchemy models. Bodies live apart from metadata so listing never loads them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from quarantine.states import MessageState, RecipientState
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC (SQLite has no time zones), always returned aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass an aware UTC time")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+def _enum(enum: type[MessageState] | type[RecipientState], name: str) -> Enum:
+    return Enum(enum, name=name, native_enum=False, length=16,
+                values_callable=lambda e: [m.value for m in e], validate_strings=True)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    state: Mapped[MessageState] = mapped_column(_enum(MessageState, "message_state"))
+    kind: Mapped[str] = mapped_column(String(16), default="message")  # message | dsn | notice
+    mail_from: Mapped[str] = mapped_column(Text)
+    sender_user: Mapped[str | None] = mapped_column(String(128))
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    helo: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    rule: Mapped[str | None] = mapped_column(String(128))  # the rule that decided the verdict
+    verdict: Mapped[dict[str, Any]]
+    attachments: Mapped[list[Any]]
+    release_at: Mapped[datetime | None]  # end of a delay window, or a hold's expiry
+    finished_at: Mapped[datetime | None]
+
+    recipients: Mapped[list[Recipient]] = relationship(
+        back_populates="message", order_by="Recipient.id", lazy="raise"
+    )
+
+    __table_args__ = (
+        Index(None, "state", "created_at"),
+        Index(None, "sender_user", "created_at"),
+    )
+
+
+class Body(Base):
+    """The original message bytes, exactly as accepted (after CRLF normalisation)."""
+
+    __tablename__ = "bodies"
+
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)  # None once purged by retention
+
+
+class Recipient(Base):
+    __tablename__ = "recipients"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(Text)
+    domain: Mapped[str] = mapped_column(String(255))
+    state: Mapped[RecipientState] = mapped_column(_enum(RecipientState, "recipient_state"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    last_code: Mapped[int | None] = mapped_column(Integer)
+    last_response: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+    message: Mapped[Message] = relationship(back_populates="recipients", lazy="raise")
+
+    __table_args__ = (
+        Index(None, "state", "next_attempt_at"),
+        Index(None, "message_id"),
+    )
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    groups: Mapped[list[Any]]
+    emails: Mapped[list[Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    disabled: Mapped[bool] = mapped_column(default=False)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of a random token
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell tokens apart
+    label: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
