@@ -1,0 +1,1 @@
+"""The Sekisho process: config, CLI, SMTP in, intake, delivery, HTTP API and audit."""

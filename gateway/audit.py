@@ -1,0 +1,171 @@
+"""The audit log: one JSON object per line, each chained to the one before by SHA-256.
+
+Every line carries `ts`, `event`, `id` (the message id, or null), `actor`, the event's
+details, `prev` (the previous line's hash) and `hash`, which is SHA-256 over the
+canonical JSON of the line without `hash` — and that includes `prev`, so changing,
+removing or reordering any line breaks every hash after it.
+
+Message bodies and secrets never reach it: keys that could carry them are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+GENESIS = "0" * 64
+# Keys that could carry a message body or a secret. A caller passing one is a bug:
+# the value is replaced rather than written, and the line says so.
+FORBIDDEN_KEYS = frozenset(
+    {"password", "zip_password", "secret", "token", "raw", "body", "content", "data"}
+)
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str).encode("utf-8")
+
+
+def line_hash(entry: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(entry)).hexdigest()
+
+
+class _Chain:
+    """A structlog processor that links each line to the last one written."""
+
+    def __init__(self, prev: str) -> None:
+        self.prev = prev
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+        entry = {k: v for k, v in event.items()}
+        entry["prev"] = self.prev
+        entry["hash"] = line_hash(entry)
+        self.prev = entry["hash"]
+        # Written in the caller's order (ts, event, id, actor first) for people who
+        # tail the file; the hash is over the sorted canonical form, so order is free.
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    leaked = sorted(k for k in event if k in FORBIDDEN_KEYS)
+    for key in leaked:
+        event[key] = "[redacted]"
+    return event
+
+
+class _LineWriter:
+    """Writes each rendered line with one write() on an O_APPEND file and flushes it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def msg(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    info = msg
+
+
+class AuditLog:
+    def __init__(self, path: str, *, clock: Any = None) -> None:
+        self.path = path
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._lock = threading.Lock()
+        if path == "-":
+            self._stream: IO[str] = sys.stdout
+            prev = GENESIS
+        else:
+            file = Path(path)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            prev = _resume(file)
+            self._stream = open(file, "a", encoding="utf-8")  # noqa: SIM115 - held for the process
+        self._chain = _Chain(prev)
+        self._logger = structlog.wrap_logger(
+            _LineWriter(self._stream),
+            processors=[_redact, self._chain],
+            cache_logger_on_first_use=True,
+        )
+
+    def emit(self, event: str, *, id: str | None = None, actor: str = "system", **details: Any) -> None:
+        stamp = self._clock().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        with self._lock:
+            self._logger.info(ts=stamp, event=event, id=id, actor=actor, **details)
+
+    def close(self) -> None:
+        if self._stream is not sys.stdout:
+            os.fsync(self._stream.fileno())
+            self._stream.close()
+
+
+def _resume(file: Path) -> str:
+    """Continue the chain from the last complete line; drop a torn tail from a crash.
+
+    A line is written with one write() call, so only a power cut can leave half of
+    one. That half was never complete, so it held nothing anyone relied on.
+    """
+    if not file.exists() or file.stat().st_size == 0:
+        return GENESIS
+    with open(file, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        tail = b""
+        position = size
+        while position > 0 and tail.count(b"\n") < 2:
+            step = min(65536, position)
+            position -= step
+            handle.seek(position)
+            tail = handle.read(step) + tail
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n") + 1
+            handle.truncate(position + cut)
+            tail = tail[:cut]
+        lines = tail.rstrip(b"\n").split(b"\n")
+        if not lines or not lines[-1]:
+            return GENESIS
+        return str(json.loads(lines[-1])["hash"])
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    lines: int
+    broken_at: int | None = None  # 1-based line number
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_at is None
+
+
+def verify(path: str) -> Verification:
+    prev = GENESIS
+    count = 0
+    for number, raw in _lines(path):
+        count = number
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError:
+            return Verification(count, number, "not a JSON object")
+        if not isinstance(entry, dict) or "hash" not in entry:
+            return Verification(count, number, "no hash")
+        claimed = entry.pop("hash")
+        if entry.get("prev") != prev:
+            return Verification(count, number, "prev does not match the line before")
+        if line_hash(entry) != claimed:
+            return Verification(count, number, "hash does not match the line's content")
+        prev = claimed
+    return Verification(count)
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield number, raw.rstrip(b"\r\n")
