@@ -10,8 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from policies.clients import ClientBook
+from policies.combine import combine
+from policies.config import ClientSpec, RuleSpec, parse_clients, parse_rules
 from policies.envelope import Envelope
-from policies.mime import parse, walk_attachments
+from policies.facts import AttachmentFacts, MessageFacts, build_facts
+from policies.filetype import FileType
+from policies.mime import parse
+from policies.rules import CompiledRule, evaluate
 from policies.verdict import Verdict
 
 
@@ -20,6 +26,22 @@ class AttachmentSummary:
     name: str | None
     content_type: str
     size: int
+    detected_type: FileType | None = None
+    markers: tuple[str, ...] = ()  # names of the clients whose markers the file carries
+    encrypted: bool = False
+    inside_message: bool = False
+
+    @classmethod
+    def of(cls, facts: AttachmentFacts) -> AttachmentSummary:
+        return cls(
+            name=facts.name,
+            content_type=facts.declared_type,
+            size=facts.size,
+            detected_type=facts.detected_type,
+            markers=tuple(dict.fromkeys(m.client for m in facts.marks)),
+            encrypted=facts.encrypted,
+            inside_message=facts.inside_message,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +49,26 @@ class Policy:
     """Compiled rules, the client book and the organisation's internal domains."""
 
     internal_domains: tuple[str, ...] = ()
-    rules: Sequence[object] = field(default_factory=tuple)
+    rules: tuple[CompiledRule, ...] = ()
+    clients: ClientBook = field(default_factory=ClientBook)
+
+    @classmethod
+    def compile(
+        cls,
+        rules: Sequence[RuleSpec | dict[str, object]],
+        clients: Sequence[ClientSpec | dict[str, object]],
+        internal_domains: Sequence[str],
+    ) -> Policy:
+        """Raises ValueError (or pydantic's ValidationError, a ValueError) naming the key."""
+        return cls(
+            internal_domains=tuple(d.strip().lower().rstrip(".") for d in internal_domains),
+            rules=tuple(CompiledRule.compile(r) for r in parse_rules(rules)),
+            clients=ClientBook(parse_clients(clients)),
+        )
+
+    def client_for(self, address: str) -> ClientSpec | None:
+        """The client company an address belongs to (first matching domain glob)."""
+        return self.clients.client_for(address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +76,7 @@ class Inspection:
     verdict: Verdict
     subject: str | None = None
     attachments: tuple[AttachmentSummary, ...] = ()
+    facts: MessageFacts | None = None
 
 
 def inspect(
@@ -44,17 +86,22 @@ def inspect(
     now: datetime,
     known_domains: frozenset[str] = frozenset(),
 ) -> Inspection:
+    """Parse once, build the facts, evaluate every rule, combine.
+
+    `now` is part of the contract so that time-based conditions stay pure; none of
+    the current conditions reads it.
+    """
+    facts: MessageFacts | None = None
     try:
-        message = parse(raw)
-        subject = message.get("subject")
-        attachments = tuple(
-            AttachmentSummary(
-                a.filename,
-                a.part.get_content_type(),
-                len(a.part.get_payload(decode=True) or b""),
-            )
-            for a in walk_attachments(message)
-        )
-        return Inspection(Verdict.deliver(), str(subject) if subject is not None else None, attachments)
+        facts = build_facts(parse(raw), envelope, policy.clients, policy.internal_domains)
+        known = frozenset(d.lower() for d in known_domains)
+        traces = [evaluate(rule, facts, known) for rule in policy.rules]
+        verdict = combine(policy.rules, traces)
     except Exception as error:  # fail closed: hold, never deliver unprotected
-        return Inspection(Verdict.policy_error(error))
+        verdict = Verdict.policy_error(error)
+    except RecursionError as error:  # pathological nesting the parser could not bound
+        verdict = Verdict.policy_error(error)
+    if facts is None:
+        return Inspection(verdict)
+    summaries = tuple(AttachmentSummary.of(a) for a in facts.attachments)
+    return Inspection(verdict, facts.subject, summaries, facts)

@@ -64,7 +64,9 @@ def is_attachment(part: Message) -> bool:
     return filename_of(part) is not None
 
 
-def walk_attachments(message: Message, limits: WalkLimits | None = None) -> Iterator[AttachmentPart]:
+def walk_attachments(
+    message: Message, limits: WalkLimits | None = None
+) -> Iterator[AttachmentPart]:
     """Yield every attachment, depth first, including those inside message/rfc822 parts.
 
     A message/rfc822 part that is itself declared an attachment is yielded whole (a
@@ -96,7 +98,8 @@ def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterat
         payload = part.get_payload()
         if isinstance(payload, list):
             for sub in payload:
-                yield from _walk(sub, depth + 1, inside, limits)
+                if isinstance(sub, Message):
+                    yield from _walk(sub, depth + 1, inside, limits)
         return
     if is_attachment(part):
         yield AttachmentPart(part, filename_of(part), depth, inside)

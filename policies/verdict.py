@@ -52,6 +52,7 @@ class Verdict(_Frozen):
     action: Action
     rule: str | None = None
     reason: str = ""
+    description: str = ""
     trace: tuple[RuleTrace, ...] = ()
     encrypt: bool = False
     bcc: bool = False
@@ -63,6 +64,22 @@ class Verdict(_Frozen):
     @classmethod
     def deliver(cls) -> Verdict:
         return cls(action=Action.DELIVER)
+
+    def smtp_reason(self) -> str:
+        """`<rule>: <reason>` as one ASCII line, for `550 5.7.1 …` (or a 4xx/250 text).
+
+        Without SMTPUTF8 a reply must be ASCII (RFC 5321 §4.2, RFC 6531 §3.7.4.2), and
+        a CR or LF would end it early. Reasons are often written "日本語 / English":
+        the English part after the last " / " is used; else the description if it is
+        ASCII; else only the rule name and a generic phrase. The approver and the
+        audit log keep the full reason.
+        """
+        rule = _ascii_line(self.rule or "policy")
+        text = next(
+            (t for t in (*_english_part(self.reason), self.description) if _is_plain(t)),
+            "message refused by policy",
+        )
+        return f"{rule}: {_ascii_line(text)}"[:_MAX_REPLY_TEXT]
 
     @classmethod
     def policy_error(cls, error: BaseException) -> Verdict:
@@ -78,3 +95,20 @@ class Verdict(_Frozen):
                 RuleTrace(rule=POLICY_ERROR, matched=True, action=Action.HOLD, error=detail),
             ),
         )
+
+
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its code and CRLF.
+_MAX_REPLY_TEXT = 400
+
+
+def _english_part(reason: str) -> tuple[str, ...]:
+    return (reason.rsplit(" / ", 1)[1].strip(), reason) if " / " in reason else (reason,)
+
+
+def _is_plain(text: str) -> bool:
+    return bool(text.strip()) and text.isascii()
+
+
+def _ascii_line(text: str) -> str:
+    cleaned = "".join(ch if " " <= ch <= "~" else " " for ch in text)
+    return " ".join(cleaned.split())
