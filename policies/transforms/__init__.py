@@ -1,0 +1,1 @@
+"""Pure `bytes -> bytes` transforms applied at delivery: ZIP encryption and Bcc rewriting."""

@@ -1,0 +1,356 @@
+"""Replace every attachment with a password-protected ZIP; leave the body byte-identical.
+
+"Attachment" is `policies.mime.walk_attachments`, the definition the facts use, so what
+a rule inspected is what gets protected. The message is parsed and re-serialised with
+`policies.mime.SMTP_POLICY` (refold_source="none"): parts and headers that are not
+replaced come out byte for byte as they went in. A message without attachments to
+protect is returned as the very same bytes, without the `X-Sekisho-Protected` header.
+
+Choices made here:
+- `per_file`: `見積書.xlsx` becomes `見積書.xlsx.zip`, keeping the original extension
+  visible so two files of the same stem stay distinguishable.
+- `bundle`: one `attachments.zip` (or `bundle_name`) replaces the first attachment; the
+  others are removed.
+- A forwarded `message/rfc822` that is an attachment is zipped whole as `.eml`; the
+  files inside it travel inside that ZIP.
+- An attachment that is already an encrypted ZIP or PDF is left alone and reported in
+  `EncryptResult.skipped`.
+- Already-compressed data is stored, not deflated (magic bytes, and a deflate probe of
+  the first 64 KiB for anything unrecognised).
+- Randomness: `random_bytes` feeds ZipCrypto's encryption headers; pyzipper draws its
+  AES salts from `os.urandom` itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.message import Message
+from enum import StrEnum
+from typing import Literal
+from urllib.parse import quote
+
+import pyzipper
+
+from policies.mime import SMTP_POLICY, WalkLimits, parse, walk_attachments
+from policies.transforms.zipcrypto import RandomBytes, ZipCryptoWriter
+
+DateTime = tuple[int, int, int, int, int, int]
+Mode = Literal["per_file", "bundle"]
+PROTECTED_HEADER = "X-Sekisho-Protected"
+_PROBE = 64 * 1024
+_MAX_ZIP = 0xFFFFFFFF - (1 << 20)  # non-ZIP64 limit, with room for headers
+
+
+class ZipMethod(StrEnum):
+    AES256 = "aes256"  # WinZip AE-2 via pyzipper: 7-Zip, macOS; not Explorer or unzip
+    ZIPCRYPTO = "zipcrypto"  # PKWARE traditional: opens everywhere, weak
+
+
+class EncryptError(ValueError):
+    """The message cannot be protected; the caller must hold it, never send it as-is."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptResult:
+    data: bytes
+    files: int  # attachments now inside ZIPs
+    skipped: tuple[str, ...]  # already encrypted, left alone
+    zip_names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    part: Message
+    entry_name: str
+
+
+def encrypt_attachments(
+    raw: bytes,
+    *,
+    password: str,
+    method: ZipMethod = ZipMethod.AES256,
+    mode: Mode = "per_file",
+    add_header: bool = True,
+    date_time: DateTime,
+    bundle_name: str = "attachments.zip",
+    random_bytes: RandomBytes = os.urandom,
+) -> EncryptResult:
+    """Protect every attachment of `raw` with `password`; see the module docstring."""
+    if not password:
+        raise EncryptError("an empty password protects nothing")
+    message = parse(raw)
+    targets, skipped = _select(message)
+    if not targets:
+        return EncryptResult(raw, 0, skipped, ())
+    zipper = _Zipper(password, method, date_time, random_bytes)
+    zip_names: tuple[str, ...]
+    if mode == "bundle":
+        zip_names = (_bundle(message, targets, bundle_name, zipper),)
+    else:
+        zip_names = tuple(_per_file(targets, zipper))
+    if add_header:
+        del message[PROTECTED_HEADER]  # a sender-supplied one would be a lie
+        message.set_raw(PROTECTED_HEADER, f"zip-{method.value}; files={len(targets)}")
+    return EncryptResult(message.as_bytes(policy=SMTP_POLICY), len(targets), skipped, zip_names)
+
+
+def _select(message: Message) -> tuple[list[_Target], tuple[str, ...]]:
+    """Attachments to protect, outermost first, and the names of those left alone."""
+    limits = WalkLimits()
+    found = list(walk_attachments(message, limits))
+    if limits.exceeded:  # fail closed: an unseen attachment would go out unprotected
+        raise EncryptError(f"message too complex to protect: {limits.exceeded}")
+    inside_zipped: set[int] = set()
+    targets: list[_Target] = []
+    skipped: list[str] = []
+    taken: set[str] = set()
+    for index, found_part in enumerate(found, start=1):
+        part = found_part.part
+        if id(part) in inside_zipped:
+            continue  # travels inside its forwarded message's ZIP
+        if part.get_content_type() == "message/rfc822":
+            inside_zipped.update(id(sub) for sub in part.walk() if sub is not part)
+        elif _magic(part).startswith((b"%PDF-", b"PK\x03\x04")) and already_encrypted(
+            _content(part)
+        ):
+            skipped.append(found_part.filename or f"attachment-{index}")
+            continue
+        name = _unique(entry_name(found_part.filename, part, index), taken)
+        targets.append(_Target(part, name))
+    return targets, tuple(skipped)
+
+
+class _Zipper:
+    """Writes ZIP archives with one method and password; never shows the password."""
+
+    def __init__(
+        self, password: str, method: ZipMethod, date_time: DateTime, random_bytes: RandomBytes
+    ) -> None:
+        self._password = password
+        self._method = method
+        self._date_time = date_time
+        self._random = random_bytes
+
+    def __repr__(self) -> str:
+        return f"<_Zipper method={self._method.value}>"
+
+    def archive(self, targets: Iterable[_Target]) -> io.BytesIO:
+        out = io.BytesIO()
+        if self._method is ZipMethod.ZIPCRYPTO:
+            writer = ZipCryptoWriter(out, self._password, random_bytes=self._random)
+            for target in targets:
+                data = _content(target.part)
+                writer.add(target.entry_name, data, date_time=self._date_time,
+                           compress=not is_compressed(data))
+            writer.close()
+        else:
+            self._archive_aes(out, targets)
+        if out.tell() > _MAX_ZIP:
+            raise EncryptError("protected archive larger than 4 GiB")
+        return out
+
+    def _archive_aes(self, out: io.BytesIO, targets: Iterable[_Target]) -> None:
+        with pyzipper.AESZipFile(
+            out, "w", encryption=pyzipper.WZ_AES, encryption_kwargs={"nbits": 256}
+        ) as archive:
+            archive.setpassword(self._password.encode("utf-8"))
+            for target in targets:
+                data = _content(target.part)
+                # zipinfo_cls (AESZipInfo): writestr would otherwise make its own, dated
+                # from the clock.
+                info = archive.zipinfo_cls(target.entry_name, date_time=self._date_time)
+                info.external_attr = 0o600 << 16
+                info.compress_type = (
+                    pyzipper.ZIP_STORED if is_compressed(data) else pyzipper.ZIP_DEFLATED
+                )
+                archive.writestr(info, data)
+
+
+def _per_file(targets: list[_Target], zipper: _Zipper) -> Iterable[str]:
+    # One attachment at a time, so memory holds one file's ZIP, never all of them.
+    for target in targets:
+        zip_name = f"{target.entry_name}.zip"
+        _become_zip(target.part, zipper.archive([target]), zip_name)
+        yield zip_name
+
+
+def _bundle(message: Message, targets: list[_Target], name: str, zipper: _Zipper) -> str:
+    archive = zipper.archive(targets)
+    parents = _parents(message)
+    for target in targets[1:]:
+        parent = parents[id(target.part)]
+        siblings = parent.get_payload()
+        assert isinstance(siblings, list)
+        siblings.remove(target.part)
+        if not siblings:  # RFC 2046 §5.1.1: a multipart needs at least one body part
+            siblings.append(_note(name))
+    _become_zip(targets[0].part, archive, name)
+    return name
+
+
+def _parents(message: Message) -> dict[int, Message]:
+    parents: dict[int, Message] = {}
+    for part in message.walk():
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            parents.update((id(child), part) for child in payload)
+    return parents
+
+
+def _note(zip_name: str) -> Message:
+    note = Message(policy=SMTP_POLICY)
+    note.set_raw("Content-Type", "text/plain; charset=utf-8")
+    note.set_raw("Content-Transfer-Encoding", "base64")
+    note.set_payload(base64.encodebytes(f"-> {zip_name}\n".encode()).decode("ascii"))
+    return note
+
+
+def _become_zip(part: Message, archive: io.BytesIO, zip_name: str) -> None:
+    """Turn `part` into the ZIP attachment, keeping its non-MIME headers in place."""
+    kept = [(k, v) for k, v in part.raw_items() if not k.lower().startswith("content-")]
+    first_mime = next(
+        (i for i, (k, _) in enumerate(part.raw_items()) if k.lower().startswith("content-")),
+        len(kept),
+    )
+    for key in {k for k, _ in part.raw_items()}:
+        del part[key]
+    content_type, disposition = mime_name_params(zip_name)
+    new = [("Content-Type", content_type), ("Content-Transfer-Encoding", "base64"),
+           ("Content-Disposition", disposition)]
+    for key, value in kept[:first_mime] + new + kept[first_mime:]:
+        part.set_raw(key, value)
+    # base64 in 76-character lines (RFC 2045 §6.8), encoded once from the ZIP buffer.
+    part.set_payload(base64.encodebytes(archive.getbuffer()).decode("ascii"))
+    archive.close()
+
+
+def mime_name_params(name: str) -> tuple[str, str]:
+    """Content-Type and Content-Disposition values naming the ZIP part.
+
+    Non-ASCII names are written twice: `name=` as RFC 2047 encoded-words inside quotes
+    (the form Outlook and old clients read) and `filename*=` per RFC 2231 (UTF-8,
+    percent-encoded, with §3 continuations), which RFC-conforming clients prefer.
+    """
+    if name.isascii() and not re.search(r'[\x00-\x1f\x7f"\\]', name):
+        return f'application/zip; name="{name}"', f'attachment; filename="{name}"'
+    words = "\r\n ".join(_encoded_words(name))
+    return f'application/zip;\r\n name="{words}"', "attachment;" + _rfc2231("filename", name)
+
+
+def _encoded_words(text: str, limit: int = 45) -> Iterable[str]:
+    # RFC 2047 §2: an encoded-word is at most 75 characters ("=?UTF-8?B?" + 60 + "?="),
+    # and §5: each must hold whole characters, so split between characters.
+    chunk = b""
+    for char in text:
+        encoded = char.encode("utf-8")
+        if len(chunk) + len(encoded) > limit:
+            yield f"=?UTF-8?B?{base64.b64encode(chunk).decode('ascii')}?="
+            chunk = b""
+        chunk += encoded
+    yield f"=?UTF-8?B?{base64.b64encode(chunk).decode('ascii')}?="
+
+
+def _rfc2231(attribute: str, text: str, limit: int = 60) -> str:
+    # RFC 2231 §4: charset''percent-encoded octets; §3: split into numbered sections,
+    # between characters, so that no client has to join a character split in two.
+    tokens = [quote(char, safe="!#$&+-.^_`|~") for char in text]
+    sections = [""]
+    for token in tokens:
+        if len(sections[-1]) + len(token) > limit:
+            sections.append("")
+        sections[-1] += token
+    if len(sections) == 1:
+        return f"\r\n {attribute}*=UTF-8''{sections[0]}"
+    first = f"\r\n {attribute}*0*=UTF-8''{sections[0]}"
+    rest = "".join(f";\r\n {attribute}*{i}*={s}" for i, s in enumerate(sections[1:], 1))
+    return first + rest
+
+
+def _content(part: Message) -> bytes:
+    """The file as the recipient would save it."""
+    if part.get_content_type() == "message/rfc822":
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            return inner[0].as_bytes(policy=SMTP_POLICY)
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def _magic(part: Message) -> bytes:
+    """The first bytes of the file, without decoding all of it (a 25 MB base64 decode
+    only to learn that a file is not a ZIP or PDF would double the work)."""
+    payload = part.get_payload()
+    if isinstance(payload, str) and part.get("content-transfer-encoding", "").lower() == "base64":
+        head = "".join(payload[:64].split())[:12]
+        try:
+            return base64.b64decode(head + "=" * (-len(head) % 4))
+        except ValueError:
+            pass
+    return _content(part)[:8]
+
+
+def entry_name(filename: str | None, part: Message, index: int) -> str:
+    """The name inside the ZIP: the decoded filename without any directory part."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", (filename or "").replace("\\", "/")).split("/")[-1]
+    if name.strip(". "):
+        return name.strip()
+    extension = ".eml" if part.get_content_type() == "message/rfc822" else ".bin"
+    return f"attachment-{index}{extension}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    stem, dot, extension = name.rpartition(".")
+    if not dot:
+        stem, extension = name, ""
+    candidate, n = name, 1
+    while candidate.casefold() in taken:  # Windows paths are case-insensitive
+        n += 1
+        candidate = f"{stem} ({n}){dot}{extension}"
+    taken.add(candidate.casefold())
+    return candidate
+
+
+_COMPRESSED_MAGIC = (
+    b"%PDF-", b"PK\x03\x04", b"PK\x05\x06",  # pdf; zip, docx/xlsx/pptx/odf, jar
+    b"\x89PNG", b"\xff\xd8\xff", b"GIF8",  # png, jpeg, gif
+    b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf\x27\x1c", b"Rar!",  # archives
+)
+
+
+def is_compressed(data: bytes) -> bool:
+    """True when deflate would gain nothing: known compressed formats by magic bytes, or
+    a level-1 deflate of the first 64 KiB saving under 3 %."""
+    if data.startswith(_COMPRESSED_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return True
+    if data[4:8] == b"ftyp":  # ISO media: mp4, mov, heic
+        return True
+    sample = data[:_PROBE]
+    return len(sample) >= 1024 and len(zlib.compress(sample, 1)) > len(sample) * 0.97
+
+
+_PDF_ENCRYPT = re.compile(rb"/Encrypt\s*(?:\d+\s+\d+\s+R|<<)")
+
+
+def already_encrypted(data: bytes) -> bool:
+    """An encrypted ZIP (every file entry has APPNOTE 4.4.4 bit 0) or an encrypted PDF
+    (a trailer or cross-reference stream with /Encrypt, ISO 32000-1 §7.6.1)."""
+    if data.startswith(b"%PDF-"):
+        return _PDF_ENCRYPT.search(data) is not None
+    if data.startswith(b"PK\x03\x04"):
+        return _zip_encrypted(data)
+    return False
+
+
+def _zip_encrypted(data: bytes) -> bool:
+    try:
+        with pyzipper.ZipFile(io.BytesIO(data)) as archive:
+            files = [i for i in archive.infolist() if not i.is_dir()]
+    except (pyzipper.BadZipFile, ValueError, OSError, EOFError):
+        return False  # not a readable ZIP: protect it like any other file
+    return bool(files) and all(i.flag_bits & 0x1 for i in files)
