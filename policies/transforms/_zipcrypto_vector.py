@@ -35,6 +35,8 @@ Array = Any  # numpy.ndarray; kept loose so `policies` type-checks without numpy
 def encrypt(data: bytes, keys: Keys, crc_table: tuple[int, ...], keystream: bytes) -> tuple[
     bytes, Keys
 ]:
+    if not data:
+        return b"", keys
     k0, k1, k2 = keys
     table = np.array(crc_table, dtype=np.uint32)
     n = len(data)

@@ -39,6 +39,10 @@ _MAX_ENTRIES = 0xFFFF
 _FLAG_ENCRYPTED = 0x0001  # APPNOTE 4.4.4 bit 0
 _FLAG_UTF8 = 0x0800  # APPNOTE 4.4.4 bit 11: name and comment are UTF-8
 _VERSION = 20  # 2.0: deflate and traditional encryption (APPNOTE 4.4.3.2)
+# Made by: Unix (APPNOTE 4.4.2). Info-ZIP `unzip` re-decodes names from hosts "MS-DOS"
+# as OEM code page even when bit 11 is set, which garbles Japanese names.
+_MADE_BY = 3 << 8 | _VERSION
+_ATTRIBUTES = 0o100644 << 16  # regular file, rw-r--r--, in the Unix high half
 _STORED, _DEFLATED = 0, 8
 _CHUNK = 1 << 20
 
@@ -151,7 +155,8 @@ class ZipCryptoWriter:
         self._out.write(_LOCAL.pack(0x04034B50, *fields, 0) + name_bytes)
         self._write_encrypted(crc, payload)
         self._central.append(
-            _CENTRAL.pack(0x02014B50, _VERSION, *fields, 0, 0, 0, 0, 0, offset) + name_bytes
+            _CENTRAL.pack(0x02014B50, _MADE_BY, *fields, 0, 0, 0, 0, _ATTRIBUTES, offset)
+            + name_bytes
         )
 
     def _write_encrypted(self, crc: int, payload: bytes) -> None:
