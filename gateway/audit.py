@@ -47,7 +47,8 @@ class _Chain:
         self.prev = prev
 
     def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
-        entry = {k: v for k, v in event.items()}
+        head = {k: event[k] for k in ("ts", "event", "id", "actor") if k in event}
+        entry = head | {k: v for k, v in event.items() if k not in head}
         entry["prev"] = self.prev
         entry["hash"] = line_hash(entry)
         self.prev = entry["hash"]

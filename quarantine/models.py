@@ -113,6 +113,7 @@ class Recipient(Base):
     state: Mapped[RecipientState] = mapped_column(_enum(RecipientState, "recipient_state"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]  # released to delivery; bounce_after counts from here
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
     last_code: Mapped[int | None] = mapped_column(Integer)

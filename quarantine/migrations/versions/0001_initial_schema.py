@@ -67,6 +67,7 @@ def upgrade() -> None:
     sa.Column('state', sa.Enum('waiting', 'queued', 'deferred', 'delivered', 'bounced', 'cancelled', name='recipient_state', native_enum=False, length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(), nullable=True),
+    sa.Column('queued_at', sa.DateTime(), nullable=True),
     sa.Column('lease_owner', sa.String(length=64), nullable=True),
     sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
     sa.Column('last_code', sa.Integer(), nullable=True),

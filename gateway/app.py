@@ -1,0 +1,206 @@
+"""Wiring: one process runs SMTP intake, delivery workers and the HTTP API in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+
+from gateway.audit import AuditLog
+from gateway.config import Config, ConfigError, load_config
+from gateway.credentials import Credentials
+from gateway.delivery import Delivery
+from gateway.http_api import create_app
+from gateway.intake import Intake
+from gateway.policy_source import PolicySource
+from gateway.smtp_in import Counters, Handler, start_smtp
+from gateway.transports import Transport, make_transport
+from quarantine.db import Store
+from quarantine.migrate import SchemaStatus, schema_status, upgrade
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_REFRESH_SECONDS = 5.0
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message tells the operator what to do."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the gateway owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow,
+                 transport: Transport | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.store = Store(config.store.url, pool_size=config.store.pool_size)
+        self.audit: AuditLog | None = None
+        self.policy = PolicySource(config)
+        self.credentials = Credentials(self.store)
+        self.counters = Counters()
+        self._transport = transport
+        self._tasks: list[asyncio.Task[None]] = []
+        self._smtp: asyncio.Server | None = None
+        self._http: _QuietServer | None = None
+        self.delivery: Delivery | None = None
+        self.smtp_port = 0
+        self.http_port = 0
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._check_schema()
+        self.audit = AuditLog(self.config.audit.path, clock=self.clock)
+        await self.credentials.refresh()
+        transport = self._transport or make_transport(self.config.delivery)
+        self.delivery = Delivery(
+            self.store, self.audit, transport, self.config.delivery, self.clock,
+            owner=self.instance, reporting_host=self.config.smtp.hostname,
+        )
+        approval = self.config.approval
+        intake = Intake(
+            self.store, self.audit, self.policy.current, self.clock,
+            reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
+            hold_expiry=lambda now: now + approval.expire_after,
+            on_queued=self.delivery.wake,
+        )
+        handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
+        self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
+        self.smtp_port = self._smtp.sockets[0].getsockname()[1]
+        self._spawn(self.delivery.run(), "delivery")
+        self._spawn(self._refresh_credentials(), "credentials")
+        await self._start_http()
+        self.audit.emit("gateway.started", instance=self.instance, smtp=self.smtp_port,
+                        http=self.http_port, upstream=str(self.config.delivery.upstream))
+
+    async def _check_schema(self) -> None:
+        try:
+            status = await schema_status(self.store)
+        except Exception as error:
+            raise StartupError(f"cannot open the store at {_safe_url(self.config.store.url)}: "
+                               f"{type(error).__name__}: {error}") from None
+        match status:
+            case SchemaStatus.EMPTY:
+                await upgrade(self.store)
+            case SchemaStatus.CURRENT:
+                pass
+            case SchemaStatus.OUTDATED:
+                raise StartupError("the database schema is older than this release: "
+                                   "run `sekisho migrate` first")
+            case SchemaStatus.NEWER:
+                raise StartupError("the database was migrated by a newer release of Sekisho")
+            case SchemaStatus.FOREIGN:
+                raise StartupError("the database has tables but no Sekisho schema version; "
+                                   "point [store].url at an empty database")
+
+    async def _start_http(self) -> None:
+        listen = self.config.admin.listen
+        if listen is None:
+            return
+        sock = socket.socket(socket.AF_INET6 if ":" in listen.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.store)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._http = _QuietServer(config)
+        self._spawn(self._http.serve(sockets=[sock]), "http")
+        while not self._http.started:
+            await asyncio.sleep(0.01)
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.append(task)
+
+    async def _refresh_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(CREDENTIAL_REFRESH_SECONDS)
+            try:
+                await self.credentials.refresh()
+            except Exception:
+                log.warning("could not refresh users from the store; keeping the cached ones")
+
+    def reload(self, path: str | os.PathLike[str]) -> bool:
+        """SIGHUP: re-read rules and clients. A config with errors keeps the old one."""
+        try:
+            config = load_config(path)
+            self.policy.replace(config)
+        except ConfigError as error:
+            log.error("reload refused, keeping the running rules:\n%s", error)
+            if self.audit:
+                self.audit.emit("config.reload_failed", problems=error.problems[:20])
+            return False
+        if self.audit:
+            self.audit.emit("config.reloaded", rules=len(config.rules), clients=len(config.clients))
+        return True
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let sessions in flight finish, return leased work."""
+        self.counters.draining = True
+        if self._smtp is not None:
+            self._smtp.close()
+            await self._wait_sessions(grace)
+        if self.delivery is not None:
+            await self.delivery.stop(grace=min(grace, 10.0))
+        if self._http is not None:
+            self._http.should_exit = True
+        for task in self._tasks:
+            if task.get_name() != "http":
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._transport is None and self.delivery is not None:
+            with contextlib.suppress(Exception):
+                await self.delivery._transport.close()
+        if self.audit is not None:
+            self.audit.emit("gateway.stopped", instance=self.instance)
+            self.audit.close()
+        await self.store.close()
+        self.stopped.set()
+
+    async def _wait_sessions(self, grace: float) -> None:
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.counters.active > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+async def serve(config_path: Path) -> None:
+    config = load_config(config_path)
+    gateway = Gateway(config)
+    await gateway.start()
+    log.info("Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
+             config.smtp.listen.host, gateway.smtp_port,
+             f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
+             config.delivery.upstream)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(config_path))
+    await stop.wait()
+    log.info("shutting down: finishing sessions and deliveries in flight")
+    await gateway.stop()

@@ -1,0 +1,236 @@
+"""Delivery workers: claim due recipients under a lease, send, record each outcome.
+
+Each recipient's result is committed the moment the upstream answers. Delivery is
+at-least-once across a crash mid-send: a lease that expires is taken over by
+another worker (or instance), which may send again what the dead one had sent but
+not yet recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.audit import AuditLog
+from gateway.config import DeliveryConfig
+from gateway.dsn import Failed, build_dsn
+from gateway.errors import PermanentFailure, SmtpFailure, TemporaryFailure
+from gateway.ids import new_id
+from gateway.transports import Results, Transport
+from policies.verdict import Verdict
+from quarantine import repository as repo
+from quarantine.db import Store
+from quarantine.repository import Claim, ClaimedRecipient, NewMessage
+from quarantine.states import MessageState, RecipientState
+
+log = logging.getLogger(__name__)
+
+# A prepared delivery: the bytes to send to some of a claim's recipients. The
+# encryption and Bcc transforms turn one stored message into one or more of these.
+Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes]]]]
+
+
+async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[str], bytes]]:
+    return [([r.address for r in claim.recipients], raw)]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    recipient: ClaimedRecipient
+    state: RecipientState
+    code: int | None
+    response: str
+    next_attempt_at: datetime | None = None
+
+
+class Delivery:
+    def __init__(self, store: Store, audit: AuditLog, transport: Transport,
+                 config: DeliveryConfig, clock: Callable[[], datetime], *, owner: str,
+                 reporting_host: str, prepare: Prepare = send_as_stored,
+                 rng: random.Random | None = None) -> None:
+        self._store = store
+        self._audit = audit
+        self._transport = transport
+        self._config = config
+        self._clock = clock
+        self.owner = owner
+        self._host = reporting_host
+        self._prepare = prepare
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(config.workers)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and send until stopped. A failing round is logged and retried: the
+        loop never dies, and nothing claimed is dropped (its lease simply expires)."""
+        while not self._stopping:
+            try:
+                claimed = await self.run_once()
+            except Exception:
+                log.exception("delivery round failed; retrying")
+                claimed = 0
+            if claimed == 0 and not self._stopping:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(),
+                                           self._config.poll_interval.total_seconds())
+
+    async def run_once(self) -> int:
+        """Claim what is due (up to the free worker slots), start sending it."""
+        await self._release_due_delays()
+        free = self._config.workers - len(self._inflight)
+        if free <= 0:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            return 1
+        now = self._clock()
+        async with self._store.transaction() as session:
+            claims = await repo.claim_due(session, owner=self.owner, now=now,
+                                          lease=self._config.lease, limit=free * 10)
+        for claim in claims:
+            task = asyncio.create_task(self._deliver_guarded(claim))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return len(claims)
+
+    async def drain(self) -> None:
+        """Wait for every transaction in flight to finish and be recorded."""
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, let sends in flight finish, and hand back our leases."""
+        self._stopping = True
+        self.wake()
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            for task in pending:
+                task.cancel()
+        with contextlib.suppress(Exception):
+            async with self._store.transaction() as session:
+                await repo.return_leases(session, self.owner)
+
+    async def _release_due_delays(self) -> None:
+        now = self._clock()
+        async with self._store.transaction() as session:
+            for message_id in await repo.due_delays(session, now):
+                await repo.release_message(session, message_id, now)
+                self._audit.emit("message.released", id=message_id, reason="delay-ended")
+
+    async def _deliver_guarded(self, claim: Claim) -> None:
+        async with self._slots:
+            try:
+                await self.deliver(claim)
+            except Exception:
+                # The lease will expire and the recipients be retried: parked, not lost.
+                log.exception("delivery of %s failed unexpectedly", claim.message_id)
+
+    async def deliver(self, claim: Claim) -> None:
+        async with self._store.read() as session:
+            raw = await repo.load_raw(session, claim.message_id)
+        if raw is None:
+            failure: SmtpFailure = PermanentFailure("message body no longer stored", status="5.3.0")
+            await self._record(claim, self._all(claim, failure))
+            return
+        try:
+            batches = await self._prepare(claim, raw)
+        except Exception as error:
+            log.exception("preparing %s for delivery failed", claim.message_id)
+            failure = TemporaryFailure(f"could not prepare the message: {type(error).__name__}")
+            await self._record(claim, self._all(claim, failure))
+            return
+        by_address = {r.address: r for r in claim.recipients}
+        for addresses, data in batches:
+            outcomes = await self._send(claim, [by_address[a] for a in addresses], data)
+            await self._record(claim, outcomes)
+
+    async def _send(self, claim: Claim, recipients: Sequence[ClaimedRecipient],
+                    data: bytes) -> list[Outcome]:
+        try:
+            results = await self._transport.send(claim.mail_from,
+                                                 [r.address for r in recipients], data)
+        except SmtpFailure as failure:
+            return [self._outcome(r, failure.code, failure.reply()[4:]) for r in recipients]
+        return self._per_recipient(recipients, results)
+
+    def _per_recipient(self, recipients: Sequence[ClaimedRecipient], results: Results) -> list[Outcome]:
+        outcomes = []
+        for r in recipients:
+            code, text = results.get(r.address, (451, "4.3.0 no answer for this recipient"))
+            outcomes.append(self._outcome(r, code, text))
+        return outcomes
+
+    def _all(self, claim: Claim, failure: SmtpFailure) -> list[Outcome]:
+        return [self._outcome(r, failure.code, f"{failure.status} {failure.message}")
+                for r in claim.recipients]
+
+    def _outcome(self, recipient: ClaimedRecipient, code: int, text: str) -> Outcome:
+        now = self._clock()
+        if 200 <= code < 300:
+            return Outcome(recipient, RecipientState.DELIVERED, code, text)
+        if code >= 500:
+            return Outcome(recipient, RecipientState.BOUNCED, code, text)
+        if now - recipient.queued_at >= self._config.bounce_after:
+            return Outcome(recipient, RecipientState.BOUNCED, code,
+                           f"{text} (still undelivered after {self._config.bounce_after})")
+        return Outcome(recipient, RecipientState.DEFERRED, code, text,
+                       now + self.backoff(recipient.attempts))
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Exponential backoff with ±20 % jitter, so retries after an outage spread out."""
+        base = self._config.retry_initial * (2 ** min(attempts, 20))
+        capped = min(base, self._config.retry_max)
+        return capped * self._rng.uniform(0.8, 1.2)
+
+    async def _record(self, claim: Claim, outcomes: Sequence[Outcome]) -> None:
+        now = self._clock()
+        bounced: list[Failed] = []
+        async with self._store.transaction() as session:
+            for o in outcomes:
+                kept = await repo.record_outcome(
+                    session, o.recipient.id, state=o.state, code=o.code, response=o.response,
+                    now=now, owner=self.owner, next_attempt_at=o.next_attempt_at)
+                if kept and o.state is RecipientState.BOUNCED:
+                    bounced.append(Failed(o.recipient.address, o.code, o.response))
+                if kept:
+                    self._audit_outcome(claim, o)
+            if bounced and claim.mail_from and claim.kind != "dsn":
+                await self._queue_dsn(session, claim, bounced, now)
+            for message_id, state in await repo.finish_messages(session, [claim.message_id], now):
+                self._audit.emit(f"message.{state.value}", id=message_id)
+
+    def _audit_outcome(self, claim: Claim, o: Outcome) -> None:
+        event = {RecipientState.DELIVERED: "delivery.sent", RecipientState.DEFERRED: "delivery.deferred",
+                 RecipientState.BOUNCED: "delivery.bounced"}[o.state]
+        self._audit.emit(event, id=claim.message_id, rcpt=o.recipient.address, code=o.code,
+                         response=o.response[:300], attempt=o.recipient.attempts + 1,
+                         retry_at=o.next_attempt_at.isoformat() if o.next_attempt_at else None)
+
+    async def _queue_dsn(self, session: AsyncSession, claim: Claim, bounced: list[Failed],
+                         now: datetime) -> None:
+        """A bounce goes back to the sender as a queued message with the null sender,
+        so it is durable and retried like any other; a bounce never bounces."""
+        raw = await repo.load_raw(session, claim.message_id)
+        dsn = build_dsn(reporting_host=self._host, original_id=claim.message_id,
+                        original_from=claim.mail_from, original=raw or b"", failed=bounced,
+                        arrival=claim.created_at, now=now)
+        dsn_id = new_id()
+        await repo.add_message(session, NewMessage(
+            id=dsn_id, mail_from="", rcpt_tos=[claim.mail_from], raw=dsn,
+            state=MessageState.QUEUED, verdict=Verdict.deliver().model_dump(mode="json"),
+            subject="Undelivered Mail Returned to Sender", kind="dsn",
+        ), now)
+        self._audit.emit("dsn.queued", id=dsn_id, original=claim.message_id,
+                         rcpt=[f.address for f in bounced])
+        self.wake()

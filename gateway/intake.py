@@ -1,0 +1,176 @@
+"""Intake: normalise, inspect, persist, then answer. Accepted means durable.
+
+The 250 is returned only after the message, its envelope, its verdict and one row
+per recipient are committed. Any failure on the way answers 451 and stores nothing
+half-written: the transaction rolls back as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gateway.audit import AuditLog
+from gateway.ids import new_id
+from policies.engine import Inspection, Policy, inspect
+from policies.envelope import Envelope
+from policies.verdict import Action
+from quarantine.db import Store
+from quarantine.repository import NewMessage, add_message
+from quarantine.states import MessageState
+
+log = logging.getLogger(__name__)
+
+# Above this size, parsing and inspection run in a worker thread, so that one large
+# message does not stall every other SMTP session (25 MB costs ~2 s of CPU).
+OFFLOAD_BYTES = 128 * 1024
+_BARE = re.compile(rb"\r\n|\r|\n")
+TEMPORARY_FAILURE = "451 4.3.0 Temporary failure storing the message; please try again later"
+
+
+def has_bare_newlines(data: bytes) -> bool:
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
+
+
+def normalize_newlines(data: bytes) -> bytes:
+    """Bare CR or LF becomes CRLF (RFC 5321 §2.3.8), as Postfix's
+    `smtpd_forbid_bare_newline = normalize` does: what is inspected is exactly what
+    is forwarded, and a bare `\\n.\\r\\n` can never end the message at the next hop."""
+    return _BARE.sub(b"\r\n", data) if has_bare_newlines(data) else data
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    client_address: str
+    helo: str | None = None
+    sender_user: str | None = None
+    sender_groups: tuple[str, ...] = ()
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        policy: Callable[[], Policy],
+        clock: Callable[[], datetime],
+        *,
+        reject_bare_newlines: bool = False,
+        hold_expiry: Callable[[datetime], datetime] | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._audit = audit
+        self._policy = policy
+        self._clock = clock
+        self._reject_bare = reject_bare_newlines
+        self._hold_expiry = hold_expiry
+        self._on_queued = on_queued
+
+    async def submit(self, submission: Submission) -> str:
+        """Return the SMTP reply for one DATA. Never raises, never 250s a failure."""
+        try:
+            return await self._submit(submission)
+        except Exception:
+            log.exception("intake failed for a message from %s", submission.client_address)
+            self._safe_audit("message.tempfail", submission, reason="store-error")
+            return TEMPORARY_FAILURE
+
+    async def _submit(self, submission: Submission) -> str:
+        data = submission.data
+        if has_bare_newlines(data):
+            if self._reject_bare:
+                self._audit.emit("message.refused", actor=_actor(submission),
+                                 reason="bare-newline", client=submission.client_address)
+                return "550 5.6.0 Message contains a bare CR or LF (RFC 5321 section 2.3.8)"
+            data = normalize_newlines(data)
+        now = self._clock()
+        envelope = Envelope(mail_from=submission.mail_from, rcpt_tos=submission.rcpt_tos,
+                            sender_user=submission.sender_user,
+                            sender_groups=submission.sender_groups)
+        result = await self._inspect(data, envelope, now)
+        verdict = result.verdict
+        if verdict.action is Action.REFUSE:
+            return self._refuse(submission, result)
+        message_id = new_id()
+        state, release_at = self._placement(result, now)
+        async with self._store.transaction() as session:
+            await add_message(session, NewMessage(
+                id=message_id, mail_from=submission.mail_from, rcpt_tos=submission.rcpt_tos,
+                raw=data, state=state, verdict=verdict.model_dump(mode="json"),
+                subject=result.subject, rule=verdict.rule,
+                attachments=[_attachment_json(a) for a in result.attachments],
+                sender_user=submission.sender_user, client_address=submission.client_address,
+                helo=submission.helo, release_at=release_at,
+            ), now)
+        self._audit.emit(
+            "message.accepted", id=message_id, actor=_actor(submission),
+            mail_from=submission.mail_from, rcpt=list(submission.rcpt_tos), size=len(data),
+            state=state.value, rule=verdict.rule, client=submission.client_address,
+        )
+        if state is MessageState.QUEUED and self._on_queued is not None:
+            self._on_queued()
+        return f"250 2.0.0 Ok: queued as {message_id}"
+
+    async def _inspect(self, data: bytes, envelope: Envelope, now: datetime) -> Inspection:
+        policy = self._policy()
+        if len(data) < OFFLOAD_BYTES:
+            return inspect(data, envelope, policy, now)
+        return await asyncio.to_thread(inspect, data, envelope, policy, now)
+
+    def _placement(self, result: Inspection, now: datetime) -> tuple[MessageState, datetime | None]:
+        verdict = result.verdict
+        match verdict.action:
+            case Action.DELIVER:
+                return MessageState.QUEUED, None
+            case Action.DELAY:
+                return MessageState.DELAYED, now + timedelta(seconds=verdict.delay_seconds or 0)
+            case Action.HOLD:
+                return MessageState.HELD, self._hold_expiry(now) if self._hold_expiry else None
+            case Action.REFUSE:
+                raise AssertionError("refused messages are never stored")
+
+    def _refuse(self, submission: Submission, result: Inspection) -> str:
+        verdict = result.verdict
+        self._audit.emit(
+            "message.refused", actor=_actor(submission), mail_from=submission.mail_from,
+            rcpt=list(submission.rcpt_tos), rule=verdict.rule, client=submission.client_address,
+            trace=[t.model_dump(mode="json") for t in verdict.trace if t.matched],
+        )
+        return f"550 5.7.1 {smtp_text(f'{verdict.rule}: {verdict.reason}')}"
+
+    def _safe_audit(self, event: str, submission: Submission, **details: object) -> None:
+        try:
+            self._audit.emit(event, actor=_actor(submission), mail_from=submission.mail_from,
+                             client=submission.client_address, **details)
+        except Exception:
+            log.exception("audit write failed")
+
+
+def _actor(submission: Submission) -> str:
+    return submission.sender_user or f"client:{submission.client_address}"
+
+
+def _attachment_json(attachment: object) -> dict[str, object]:
+    fields = getattr(attachment, "__slots__", None) or vars(attachment)
+    return {name: _plain(getattr(attachment, name)) for name in fields}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, tuple | list | frozenset | set):
+        return [_plain(v) for v in value]
+    return value
+
+
+def smtp_text(text: str, limit: int = 400) -> str:
+    """One line of printable text for an SMTP reply: no CR/LF, at most `limit` chars."""
+    flat = " ".join(text.split())
+    return flat[:limit]

@@ -1,0 +1,236 @@
+"""Reads and writes of the store. Every function takes the caller's session and
+never commits: the service layer owns the transaction (`async with store.transaction()`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from quarantine.models import Body, Message, Recipient
+from quarantine.states import (
+    DUE_RECIPIENT_STATES,
+    FINAL_RECIPIENT_STATES,
+    MessageState,
+    RecipientState,
+    check_message,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: str
+    mail_from: str
+    rcpt_tos: Sequence[str]
+    raw: bytes
+    state: MessageState
+    verdict: dict[str, Any]
+    subject: str | None = None
+    rule: str | None = None
+    attachments: list[Any] = field(default_factory=list)
+    sender_user: str | None = None
+    client_address: str | None = None
+    helo: str | None = None
+    release_at: datetime | None = None
+    kind: str = "message"
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> None:
+    """Insert a message, its body and one row per recipient in the caller's transaction.
+
+    Core inserts, in foreign-key order, in three statements whatever the recipient
+    count: this is the hot path of every accepted message.
+    """
+    released = new.state is MessageState.QUEUED
+    await session.execute(insert(Message).values(
+        id=new.id, created_at=now, updated_at=now, state=new.state, kind=new.kind,
+        mail_from=new.mail_from, sender_user=new.sender_user, client_address=new.client_address,
+        helo=new.helo, subject=new.subject, size=len(new.raw), rule=new.rule,
+        verdict=new.verdict, attachments=new.attachments, release_at=new.release_at,
+    ))
+    await session.execute(insert(Body).values(message_id=new.id, raw=new.raw))
+    await session.execute(insert(Recipient), [
+        dict(message_id=new.id, address=address, domain=domain_of(address),
+             state=RecipientState.QUEUED if released else RecipientState.WAITING,
+             attempts=0, next_attempt_at=now if released else None, updated_at=now,
+             queued_at=now if released else None)
+        for address in new.rcpt_tos
+    ])
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Recipients of one message at one domain, leased to one worker: one SMTP transaction."""
+
+    message_id: str
+    mail_from: str
+    kind: str
+    created_at: datetime
+    verdict: dict[str, Any]
+    domain: str
+    recipients: tuple[ClaimedRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRecipient:
+    id: int
+    address: str
+    attempts: int
+    queued_at: datetime
+
+
+async def claim_due(
+    session: AsyncSession, *, owner: str, now: datetime, lease: timedelta, limit: int
+) -> list[Claim]:
+    """Lease due recipients. On PostgreSQL, `FOR UPDATE SKIP LOCKED` lets several
+    instances claim at once without waiting on each other or taking the same row;
+    SQLAlchemy drops it on SQLite, where the store's write lock serialises claims.
+    """
+    due = (
+        select(Recipient.id)
+        .where(
+            Recipient.state.in_(DUE_RECIPIENT_STATES),
+            Recipient.next_attempt_at <= now,
+            or_(Recipient.lease_expires_at.is_(None), Recipient.lease_expires_at < now),
+        )
+        .order_by(Recipient.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list((await session.scalars(due)).all())
+    if not ids:
+        return []
+    await session.execute(
+        update(Recipient).where(Recipient.id.in_(ids))
+        .values(lease_owner=owner, lease_expires_at=now + lease)
+    )
+    rows = await session.execute(
+        select(Recipient.id, Recipient.address, Recipient.attempts, Recipient.queued_at,
+               Recipient.domain, Message)
+        .join(Message, Message.id == Recipient.message_id)
+        .where(Recipient.id.in_(ids))
+        .order_by(Recipient.id)
+    )
+    groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
+    messages: dict[str, Message] = {}
+    for rid, address, attempts, queued_at, domain, message in rows:
+        groups[(message.id, domain)].append(
+            ClaimedRecipient(rid, address, attempts, queued_at or message.created_at))
+        messages[message.id] = message
+    return [
+        Claim(mid, messages[mid].mail_from, messages[mid].kind, messages[mid].created_at,
+              messages[mid].verdict, domain, tuple(rcpts))
+        for (mid, domain), rcpts in groups.items()
+    ]
+
+
+async def load_raw(session: AsyncSession, message_id: str) -> bytes | None:
+    return await session.scalar(select(Body.raw).where(Body.message_id == message_id))
+
+
+async def record_outcome(
+    session: AsyncSession,
+    recipient_id: int,
+    *,
+    state: RecipientState,
+    code: int | None,
+    response: str,
+    now: datetime,
+    owner: str,
+    next_attempt_at: datetime | None = None,
+) -> bool:
+    """Record one recipient's outcome the moment it is known, if we still hold its lease.
+
+    Returns False when the lease was lost (expired and taken by another worker): the
+    other worker's result stands, and this one is dropped rather than overwriting it.
+    """
+    final = state in FINAL_RECIPIENT_STATES
+    result = await session.execute(
+        update(Recipient)
+        .where(Recipient.id == recipient_id, Recipient.lease_owner == owner,
+               Recipient.state.in_(DUE_RECIPIENT_STATES))
+        .values(
+            state=state, last_code=code, last_response=response[:1000], updated_at=now,
+            attempts=Recipient.attempts + 1, next_attempt_at=next_attempt_at,
+            lease_owner=None, lease_expires_at=None, finished_at=now if final else None,
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def finish_messages(
+    session: AsyncSession, message_ids: Iterable[str], now: datetime
+) -> list[tuple[str, MessageState]]:
+    """Move queued messages whose recipients are all final to delivered or bounced."""
+    finished = []
+    for message_id in set(message_ids):
+        counts = dict((await session.execute(
+            select(Recipient.state, func.count()).where(Recipient.message_id == message_id)
+            .group_by(Recipient.state)
+        )).all())
+        if any(state not in FINAL_RECIPIENT_STATES for state in counts):
+            continue
+        message = await session.get(Message, message_id)
+        if message is None or message.state is not MessageState.QUEUED:
+            continue
+        target = (MessageState.DELIVERED if counts.get(RecipientState.DELIVERED)
+                  else MessageState.BOUNCED)
+        message.state = check_message(message.state, target)
+        message.updated_at = message.finished_at = now
+        finished.append((message_id, target))
+    return finished
+
+
+async def return_leases(session: AsyncSession, owner: str) -> int:
+    """Give back everything this worker holds, so another instance need not wait."""
+    result = await session.execute(
+        update(Recipient).where(Recipient.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+async def release_message(session: AsyncSession, message_id: str, now: datetime) -> bool:
+    """Held or delayed → queued: its waiting recipients become due now."""
+    message = await session.get(Message, message_id, with_for_update=True)
+    if message is None:
+        return False
+    message.state = check_message(message.state, MessageState.QUEUED)
+    message.updated_at = now
+    await session.execute(
+        update(Recipient)
+        .where(Recipient.message_id == message_id, Recipient.state == RecipientState.WAITING)
+        .values(state=RecipientState.QUEUED, next_attempt_at=now, queued_at=now, updated_at=now)
+    )
+    return True
+
+
+async def due_delays(session: AsyncSession, now: datetime, limit: int = 100) -> list[str]:
+    rows = await session.scalars(
+        select(Message.id)
+        .where(and_(Message.state == MessageState.DELAYED, Message.release_at <= now))
+        .order_by(Message.release_at).limit(limit)
+    )
+    return list(rows.all())
+
+
+async def next_due_at(session: AsyncSession) -> datetime | None:
+    return await session.scalar(
+        select(func.min(Recipient.next_attempt_at))
+        .where(Recipient.state.in_(DUE_RECIPIENT_STATES))
+    )
+
+
+async def queue_depth(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(Message.state, func.count()).group_by(Message.state))
+    return {str(state): count for state, count in rows.all()}
