@@ -243,9 +243,10 @@ def mime_name_params(name: str) -> tuple[str, str]:
     return f'application/zip;\r\n name="{words}"', "attachment;" + _rfc2231("filename", name)
 
 
-def _encoded_words(text: str, limit: int = 45) -> Iterable[str]:
-    # RFC 2047 §2: an encoded-word is at most 75 characters ("=?UTF-8?B?" + 60 + "?="),
-    # and §5: each must hold whole characters, so split between characters.
+def _encoded_words(text: str, limit: int = 42) -> Iterable[str]:
+    # RFC 2047 §2: an encoded-word is at most 75 characters, and a line at most 76; 42
+    # octets make 56 base64 characters, 68 with "=?UTF-8?B?" and "?=", 75 after
+    # ' name="'. §5: each word holds whole characters, so split between characters.
     chunk = b""
     for char in text:
         encoded = char.encode("utf-8")
