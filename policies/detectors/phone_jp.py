@@ -19,7 +19,8 @@ _CANDIDATE = re.compile(
     + AFTER
 )
 _VALID = re.compile(
-    r"0(?:[789]0\d{8}|50\d{8}|120\d{6}|800\d{7}|570\d{6}|[1-9]\d{8})"
+    # Landlines exclude the prefixes above, so `090-1234-567` is no landline.
+    r"0(?:[789]0\d{8}|50\d{8}|120\d{6}|800\d{7}|570\d{6}|(?![789]0|50|120|800|570)[1-9]\d{8})"
 )
 
 

@@ -43,10 +43,17 @@ def only(facts: MessageFacts) -> AttachmentFacts:
     return facts.attachments[0]
 
 
+def one_file(
+    name: str, data: bytes, policy: Policy, declared: str = "application/octet-stream"
+) -> AttachmentFacts:
+    return only(facts_of(simple("", [(name, data, declared)]), policy))
+
+
 @pytest.mark.parametrize(
     ("raw", "name", "detected"),
     [
-        (outlook_iso2022jp("ＡＣＭＥ様_見積書.xlsx", xlsx(["x"])), "ＡＣＭＥ様_見積書.xlsx", FileType.XLSX),
+        (outlook_iso2022jp("ＡＣＭＥ様_見積書.xlsx", xlsx(["x"])), "ＡＣＭＥ様_見積書.xlsx",
+         FileType.XLSX),
         (thunderbird_rfc2231("アクメ顧客一覧（最新版）.csv", b"a,b\n1,2\n"),
          "アクメ顧客一覧（最新版）.csv", FileType.CSV),
         (swaks_shift_jis("アクメ請求書.pdf", pdf()), "アクメ請求書.pdf", FileType.PDF),
@@ -106,7 +113,7 @@ def test_forwarded_message_carries_its_file(book_policy: Policy) -> None:
 def test_type_is_detected_from_magic_bytes(
     name: str, data: bytes, declared: str, detected: FileType, book_policy: Policy
 ) -> None:
-    assert only(facts_of(simple("", [(name, data, declared)]), book_policy)).detected_type is detected
+    assert one_file(name, data, book_policy, declared).detected_type is detected
 
 
 @pytest.mark.parametrize(
@@ -118,13 +125,15 @@ def test_type_is_detected_from_magic_bytes(
         (pdf(), False),
     ],
 )
-def test_encrypted_zip_and_pdf_are_recognised(data: bytes, encrypted: bool, book_policy: Policy) -> None:
-    assert only(facts_of(simple("", [("f", data, "application/octet-stream")]), book_policy)).encrypted is encrypted
+def test_encrypted_zip_and_pdf_are_recognised(
+    data: bytes, encrypted: bool, book_policy: Policy
+) -> None:
+    assert one_file("f", data, book_policy).encrypted is encrypted
 
 
 def test_zip_entry_names_are_listed_and_marked_including_cp932(book_policy: Policy) -> None:
     archive = plain_zip({"アクメ/顧客.csv": b"x", "readme.txt": b"y"}, cp932_names=True)
-    attachment = only(facts_of(simple("", [("files.zip", archive, "application/zip")]), book_policy))
+    attachment = one_file("files.zip", archive, book_policy, "application/zip")
     assert attachment.entries == ("アクメ/顧客.csv", "readme.txt")
     assert [(m.client, m.where) for m in attachment.marks] == [("acme", "entry アクメ/顧客.csv")]
 
@@ -139,8 +148,10 @@ def test_zip_entry_names_are_listed_and_marked_including_cp932(book_policy: Poli
         ("個人番号 1234-5678-9018".encode("iso-2022-jp"), "m.txt"),
     ],
 )
-def test_text_inside_office_and_text_files_is_inspected(data: bytes, name: str, book_policy: Policy) -> None:
-    attachment = only(facts_of(simple("", [(name, data, "application/octet-stream")]), book_policy))
+def test_text_inside_office_and_text_files_is_inspected(
+    data: bytes, name: str, book_policy: Policy
+) -> None:
+    attachment = one_file(name, data, book_policy)
     assert [f.masked for f in attachment.pii] == ["**** **** 9018"]
 
 
@@ -153,7 +164,8 @@ def test_markers_match_full_width_half_width_and_case(book_policy: Policy) -> No
 
 def test_recipients_are_classified_internal_external_and_by_client(book_policy: Policy) -> None:
     envelope = Envelope(mail_from="taro@corp.example",
-                        rcpt_tos=("a@corp.example", "b@sales.acme.example", "c@beta.example", "d@other.example"))
+                        rcpt_tos=("a@corp.example", "b@sales.acme.example", "c@beta.example",
+                                  "d@other.example"))
     facts = inspect(plain("hi"), envelope, book_policy, NOW).facts
     assert facts is not None
     assert [(r.internal, r.client) for r in facts.recipients] == [
