@@ -54,7 +54,8 @@ class Upstream:
         reply = self.data_reply()
         if reply:
             return reply
-        self.received.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        self.received.append(Received(sender, list(envelope.rcpt_tos),
                                       bytes(envelope.original_content or b"")))
         self.arrived.set()
         return "250 2.0.0 Ok: upstream queued"
@@ -68,12 +69,22 @@ class Upstream:
         return self.received
 
 
+class UpstreamSMTP(SMTP):
+    """aiosmtpd refuses `MAIL FROM:<>`; a real smarthost accepts the null sender of
+    bounces (RFC 5321 §4.5.5), so this stand-in does too and records it as ""."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        if arg.strip().startswith("<>"):
+            return "<>", arg.strip()[2:].strip()
+        return super()._getaddr(arg)
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     up = Upstream()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(up, hostname="upstream.test", decode_data=False, enable_SMTPUTF8=True),
+        lambda: UpstreamSMTP(up, hostname="upstream.test", decode_data=False, enable_SMTPUTF8=True),
         "127.0.0.1", 0)
     up.port = server.sockets[0].getsockname()[1]
     yield up
