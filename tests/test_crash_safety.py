@@ -21,6 +21,7 @@ What must hold:
   `workers × recipients per message` of them, because a delivery task holds one of
   the `[delivery] workers` slots from before it sends until the outcome is committed,
   and one task sends one message to the recipients of one domain;
+- the audit log still verifies after the kill, and it records every accepted id;
 - intake duplicates are at most one per client: a client has one transaction in
   flight at a time, so only that one can have been committed without its 250.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import re
@@ -437,6 +439,7 @@ def test_sigkill_mid_run_loses_no_accepted_message(tmp_path: Path, crash_store_u
         finally:
             gateway.stop()
     check(figures)
+    check_audit(gateway, figures.tally)
 
 
 @dataclass
@@ -508,3 +511,17 @@ def check(f: Figures) -> None:
     assert not unleased, f"sent twice without being leased at the kill: {unleased[:10]}"
     assert sum(delivery_dups.values()) <= WORKERS * RCPTS_PER_MESSAGE, delivery_dups
     assert intake_dups <= CLIENTS, intake_dups
+
+
+def check_audit(gateway: GatewayProcess, tally: Tally) -> None:
+    """The hash chain survives a SIGKILL, and every 250 has its `message.accepted` line
+    (it is written and flushed before the reply)."""
+    verify = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", "--config", str(gateway.config)],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    lines = gateway.config.with_name("audit.log").read_text().splitlines()
+    accepted = {entry.get("id") for entry in map(json.loads, lines)
+                if entry.get("event") == "message.accepted"}
+    missing = sorted(set(tally.queued.values()) - accepted)
+    assert not missing, f"accepted without an audit line: {missing[:10]}"
