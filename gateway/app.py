@@ -21,6 +21,7 @@ from gateway.credentials import Credentials
 from gateway.delivery import Delivery
 from gateway.http_api import create_app
 from gateway.intake import Intake
+from gateway.known_domains import KnownDomains
 from gateway.policy_source import PolicySource
 from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
@@ -58,6 +59,7 @@ class Gateway:
         self.audit: AuditLog | None = None
         self.policy = PolicySource(config)
         self.credentials = Credentials(self.store)
+        self.known_domains = KnownDomains(self.store)
         self.counters = Counters()
         self._transport = transport
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,6 +74,7 @@ class Gateway:
         await self._check_schema()
         self.audit = AuditLog(self.config.audit.path, clock=self.clock)
         await self.credentials.refresh()
+        await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
         self.delivery = Delivery(
             self.store, self.audit, transport, self.config.delivery, self.clock,
@@ -82,7 +85,7 @@ class Gateway:
             self.store, self.audit, self.policy.current, self.clock,
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
-            on_queued=self.delivery.wake,
+            on_queued=self.delivery.wake, known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
         self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
@@ -139,6 +142,7 @@ class Gateway:
                 await self.credentials.refresh()
             except Exception:
                 log.warning("could not refresh users from the store; keeping the cached ones")
+            await self.known_domains.refresh()
 
     def reload(self, path: str | os.PathLike[str]) -> bool:
         """SIGHUP: re-read rules and clients. A config with errors keeps the old one."""

@@ -102,10 +102,31 @@ def _install_uvloop() -> None:
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     from gateway.policy_source import lint_config
-    for warning in lint_config(config):
+    for warning in lint_config(config, _known_groups(config)):
         print(f"warning: {warning}", file=sys.stderr)
     print("ok")
     return 0
+
+
+def _known_groups(config: Config) -> set[str] | None:
+    """Users' groups from the store, if it exists and is current; None otherwise."""
+    from quarantine import accounts
+    from quarantine.db import Store
+    from quarantine.migrate import SchemaStatus, schema_status
+
+    async def go() -> set[str] | None:
+        store = Store(config.store.url)
+        try:
+            if await schema_status(store) is not SchemaStatus.CURRENT:
+                return None
+            async with store.read() as session:
+                return {g for u in await accounts.all_users(session) for g in u.groups}
+        except Exception:
+            return None
+        finally:
+            await store.close()
+
+    return run_async(go())
 
 
 def _migrate(args: argparse.Namespace) -> int:

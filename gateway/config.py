@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from policies.config import ClientSpec, RuleSpec, check_unique
 from policies.units import parse_duration, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -287,9 +288,27 @@ class Config(BaseModel):
     approval: ApprovalConfig = ApprovalConfig()
     encryption: EncryptionConfig = EncryptionConfig()
     templates: dict[str, str] = Field(default_factory=dict)
-    clients: tuple[dict[str, Any], ...] = ()
-    rules: tuple[dict[str, Any], ...] = ()
+    clients: tuple[ClientSpec, ...] = ()
+    rules: tuple[RuleSpec, ...] = ()
     source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("clients", mode="before")
+    @classmethod
+    def _client_secrets(cls, value: object, info: ValidationInfo) -> object:
+        # policies/ does no I/O, so `env:`/`file:` ZIP passwords are resolved here.
+        if not isinstance(value, list | tuple):
+            return value
+        return [
+            {**c, "zip_password": resolve_secret(c["zip_password"], _base(info))}
+            if isinstance(c, dict) and "zip_password" in c else c
+            for c in value
+        ]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        check_unique((r.name for r in self.rules), "rule")
+        check_unique((c.name for c in self.clients), "client")
+        return self
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -66,6 +66,7 @@ class Intake:
         reject_bare_newlines: bool = False,
         hold_expiry: Callable[[datetime], datetime] | None = None,
         on_queued: Callable[[], None] | None = None,
+        known_domains: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._store = store
         self._audit = audit
@@ -74,6 +75,7 @@ class Intake:
         self._reject_bare = reject_bare_newlines
         self._hold_expiry = hold_expiry
         self._on_queued = on_queued
+        self._known_domains = known_domains
 
     async def submit(self, submission: Submission) -> str:
         """Return the SMTP reply for one DATA. Never raises, never 250s a failure."""
@@ -121,10 +123,10 @@ class Intake:
         return f"250 2.0.0 Ok: queued as {message_id}"
 
     async def _inspect(self, data: bytes, envelope: Envelope, now: datetime) -> Inspection:
-        policy = self._policy()
+        policy, known = self._policy(), self._known_domains()
         if len(data) < OFFLOAD_BYTES:
-            return inspect(data, envelope, policy, now)
-        return await asyncio.to_thread(inspect, data, envelope, policy, now)
+            return inspect(data, envelope, policy, now, known)
+        return await asyncio.to_thread(inspect, data, envelope, policy, now, known)
 
     def _placement(self, result: Inspection, now: datetime) -> tuple[MessageState, datetime | None]:
         verdict = result.verdict
@@ -145,7 +147,7 @@ class Intake:
             rcpt=list(submission.rcpt_tos), rule=verdict.rule, client=submission.client_address,
             trace=[t.model_dump(mode="json") for t in verdict.trace if t.matched],
         )
-        return f"550 5.7.1 {smtp_text(f'{verdict.rule}: {verdict.reason}')}"
+        return f"550 5.7.1 {verdict.smtp_reason()}"
 
     def _safe_audit(self, event: str, submission: Submission, **details: object) -> None:
         try:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from gateway.config import Config
-from policies.engine import Policy
+from policies import report
+from policies.engine import Inspection, Policy
+from policies.lint import lint
 
 
 def compile_policy(config: Config) -> Policy:
-    return Policy(internal_domains=tuple(config.organization.domains))
+    return Policy.compile(config.rules, config.clients, config.organization.domains)
 
 
 class PolicySource:
@@ -21,22 +25,16 @@ class PolicySource:
         self._policy = compile_policy(config)
 
 
-def lint_config(config: Config) -> list[str]:
-    """Warnings that do not stop the gateway (e.g. an approver group nobody is in)."""
-    return []
+def lint_config(config: Config, known_groups: set[str] | None = None) -> list[str]:
+    """Warnings that do not stop the gateway (an approver group nobody is in, a weak
+    ZIP method). Without the users' groups, the group check is skipped."""
+    warnings = lint(config.rules, config.clients, known_groups or set())
+    if known_groups is None:
+        warnings = [w for w in warnings if "has no members" not in w]
+    return warnings
 
 
-def render_inspection(result: object, *, as_json: bool) -> str:
-    import json
-    from dataclasses import asdict, is_dataclass
-    verdict = getattr(result, "verdict")
-    data = {
-        "verdict": verdict.model_dump(mode="json"),
-        "subject": getattr(result, "subject", None),
-        "attachments": [asdict(a) if is_dataclass(a) else a for a in getattr(result, "attachments", ())],
-    }
+def render_inspection(result: Inspection, *, as_json: bool) -> str:
     if as_json:
-        return json.dumps(data, ensure_ascii=False, indent=2, default=str)
-    lines = [f"verdict: {verdict.action.value}" + (f" ({verdict.rule})" if verdict.rule else "")]
-    lines += [f"attachment: {a['name']} {a['content_type']} {a['size']} bytes" for a in data["attachments"]]
-    return "\n".join(lines)
+        return json.dumps(report.as_json(result), ensure_ascii=False, indent=2, default=str)
+    return report.as_text(result)
