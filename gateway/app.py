@@ -9,9 +9,10 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -50,8 +51,13 @@ class _QuietServer(uvicorn.Server):
 
 
 class Gateway:
-    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow,
-                 transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        transport: Transport | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -77,15 +83,24 @@ class Gateway:
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
         self.delivery = Delivery(
-            self.store, self.audit, transport, self.config.delivery, self.clock,
-            owner=self.instance, reporting_host=self.config.smtp.hostname,
+            self.store,
+            self.audit,
+            transport,
+            self.config.delivery,
+            self.clock,
+            owner=self.instance,
+            reporting_host=self.config.smtp.hostname,
         )
         approval = self.config.approval
         intake = Intake(
-            self.store, self.audit, self.policy.current, self.clock,
+            self.store,
+            self.audit,
+            self.policy.current,
+            self.clock,
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
-            on_queued=self.delivery.wake, known_domains=self.known_domains.current,
+            on_queued=self.delivery.wake,
+            known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
         self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
@@ -93,28 +108,38 @@ class Gateway:
         self._spawn(self.delivery.run(), "delivery")
         self._spawn(self._refresh_credentials(), "credentials")
         await self._start_http()
-        self.audit.emit("gateway.started", instance=self.instance, smtp=self.smtp_port,
-                        http=self.http_port, upstream=str(self.config.delivery.upstream))
+        self.audit.emit(
+            "gateway.started",
+            instance=self.instance,
+            smtp=self.smtp_port,
+            http=self.http_port,
+            upstream=str(self.config.delivery.upstream),
+        )
 
     async def _check_schema(self) -> None:
         try:
             status = await schema_status(self.store)
         except Exception as error:
-            raise StartupError(f"cannot open the store at {_safe_url(self.config.store.url)}: "
-                               f"{type(error).__name__}: {error}") from None
+            raise StartupError(
+                f"cannot open the store at {_safe_url(self.config.store.url)}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
         match status:
             case SchemaStatus.EMPTY:
                 await upgrade(self.store)
             case SchemaStatus.CURRENT:
                 pass
             case SchemaStatus.OUTDATED:
-                raise StartupError("the database schema is older than this release: "
-                                   "run `sekisho migrate` first")
+                raise StartupError(
+                    "the database schema is older than this release: run `sekisho migrate` first"
+                )
             case SchemaStatus.NEWER:
                 raise StartupError("the database was migrated by a newer release of Sekisho")
             case SchemaStatus.FOREIGN:
-                raise StartupError("the database has tables but no Sekisho schema version; "
-                                   "point [store].url at an empty database")
+                raise StartupError(
+                    "the database has tables but no Sekisho schema version; "
+                    "point [store].url at an empty database"
+                )
 
     async def _start_http(self) -> None:
         listen = self.config.admin.listen
@@ -131,8 +156,8 @@ class Gateway:
         while not self._http.started:
             await asyncio.sleep(0.01)
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.append(task)
 
     async def _refresh_credentials(self) -> None:
@@ -189,6 +214,7 @@ class Gateway:
 
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -196,10 +222,13 @@ async def serve(config_path: Path) -> None:
     config = load_config(config_path)
     gateway = Gateway(config)
     await gateway.start()
-    log.info("Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
-             config.smtp.listen.host, gateway.smtp_port,
-             f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
-             config.delivery.upstream)
+    log.info(
+        "Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
+        config.smtp.listen.host,
+        gateway.smtp_port,
+        f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
+        config.delivery.upstream,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -32,8 +32,9 @@ FORBIDDEN_KEYS = frozenset(
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str).encode("utf-8")
+    return json.dumps(
+        entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    ).encode("utf-8")
 
 
 def line_hash(entry: dict[str, Any]) -> str:
@@ -97,7 +98,9 @@ class AuditLog:
             cache_logger_on_first_use=True,
         )
 
-    def emit(self, event: str, *, id: str | None = None, actor: str = "system", **details: Any) -> None:
+    def emit(
+        self, event: str, *, id: str | None = None, actor: str = "system", **details: Any
+    ) -> None:
         stamp = self._clock().isoformat(timespec="milliseconds").replace("+00:00", "Z")
         with self._lock:
             self._logger.info(ts=stamp, event=event, id=id, actor=actor, **details)

@@ -40,32 +40,49 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sekisho",
         description="Sekisho: an outbound SMTP gateway that inspects, encrypts, holds or "
-                    "refuses mail before it leaves the company.")
+        "refuses mail before it leaves the company.",
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, run: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="PATH",
-                       help=f"config file (default: {DEFAULT_CONFIG})")
+        p.add_argument(
+            "--config",
+            "-c",
+            default=DEFAULT_CONFIG,
+            metavar="PATH",
+            help=f"config file (default: {DEFAULT_CONFIG})",
+        )
         p.set_defaults(run=run)
         return p
 
     command("serve", "Run SMTP intake, delivery and the HTTP API in one process.", _serve)
-    command("check-config", "Validate the config; print 'ok' or each problem with its key.",
-            _check_config)
+    command(
+        "check-config",
+        "Validate the config; print 'ok' or each problem with its key.",
+        _check_config,
+    )
     command("migrate", "Upgrade the database schema to this release.", _migrate)
     _policy_commands(sub, command)
     _user_commands(sub)
     _audit_commands(sub)
     _tls_commands(sub)
     from gateway.cli_tokens import add_token_commands
+
     add_token_commands(sub, _config_arg)
     return parser
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="PATH",
-                   help=f"config file (default: {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"config file (default: {DEFAULT_CONFIG})",
+    )
 
 
 def run_async(coro: Awaitable[T]) -> T:
@@ -74,9 +91,13 @@ def run_async(coro: Awaitable[T]) -> T:
 
 # -- serve, check-config, migrate ------------------------------------------------
 
+
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import StartupError, serve
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("mail.log", "aiosmtpd"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -102,6 +123,7 @@ def _install_uvloop() -> None:
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     from gateway.policy_source import lint_config
+
     for warning in lint_config(config, _known_groups(config)):
         print(f"warning: {warning}", file=sys.stderr)
     print("ok")
@@ -132,6 +154,7 @@ def _known_groups(config: Config) -> set[str] | None:
 def _migrate(args: argparse.Namespace) -> int:
     from quarantine.db import Store
     from quarantine.migrate import SchemaStatus, head_revision, schema_status, upgrade
+
     config = load_config(args.config)
 
     async def go() -> int:
@@ -155,38 +178,54 @@ def _migrate(args: argparse.Namespace) -> int:
 
 # -- policy test -----------------------------------------------------------------
 
+
 def _policy_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
-    policy = sub.add_parser("policy", help="Try the rules on a message.",
-                            description="Try the rules on a message.")
+    policy = sub.add_parser(
+        "policy", help="Try the rules on a message.", description="Try the rules on a message."
+    )
     psub = policy.add_subparsers(title="policy commands", metavar="COMMAND")
     test = psub.add_parser(
-        "test", help="Print the verdict, each rule's trace and the facts seen for MESSAGE.eml.",
+        "test",
+        help="Print the verdict, each rule's trace and the facts seen for MESSAGE.eml.",
         description="Evaluate MESSAGE.eml with the configured rules, exactly as the live "
-                    "gateway would, and print the verdict, each rule's trace and the facts.")
+        "gateway would, and print the verdict, each rule's trace and the facts.",
+    )
     _config_arg(test)
     test.add_argument("message", metavar="MESSAGE.eml", help="the message file ('-' for stdin)")
-    test.add_argument("--from", dest="mail_from", required=True, metavar="ADDR",
-                      help="envelope sender")
-    test.add_argument("--to", dest="rcpt", required=True, nargs="+", metavar="ADDR",
-                      help="envelope recipients")
+    test.add_argument(
+        "--from", dest="mail_from", required=True, metavar="ADDR", help="envelope sender"
+    )
+    test.add_argument(
+        "--to", dest="rcpt", required=True, nargs="+", metavar="ADDR", help="envelope recipients"
+    )
     test.add_argument("--user", metavar="NAME", help="evaluate as this authenticated user")
-    test.add_argument("--group", action="append", default=[], metavar="G",
-                      help="sender group (repeatable), when no --user is given")
+    test.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="sender group (repeatable), when no --user is given",
+    )
     test.add_argument("--json", action="store_true", help="print JSON instead of text")
     test.set_defaults(run=_policy_test)
 
 
 def _policy_test(args: argparse.Namespace) -> int:
-    from gateway.policy_source import compile_policy, render_inspection
     from gateway.intake import normalize_newlines
+    from gateway.policy_source import compile_policy, render_inspection
     from policies.engine import inspect
     from policies.envelope import Envelope
+
     config = load_config(args.config)
     raw = sys.stdin.buffer.read() if args.message == "-" else _read(args.message)
     if raw is None:
         return 1
-    envelope = Envelope(mail_from=args.mail_from, rcpt_tos=tuple(args.rcpt),
-                        sender_user=args.user, sender_groups=tuple(args.group))
+    envelope = Envelope(
+        mail_from=args.mail_from,
+        rcpt_tos=tuple(args.rcpt),
+        sender_user=args.user,
+        sender_groups=tuple(args.group),
+    )
     result = inspect(normalize_newlines(raw), envelope, compile_policy(config), datetime.now(UTC))
     print(render_inspection(result, as_json=args.json))
     return 0
@@ -202,34 +241,58 @@ def _read(path: str) -> bytes | None:
 
 # -- users -----------------------------------------------------------------------
 
+
 def _user_commands(sub: Any) -> None:
-    users = sub.add_parser("users", help="Manage senders, approvers, admins and auditors.",
-                           description="Manage people: their addresses, groups and roles.")
+    users = sub.add_parser(
+        "users",
+        help="Manage senders, approvers, admins and auditors.",
+        description="Manage people: their addresses, groups and roles.",
+    )
     usub = users.add_subparsers(title="user commands", metavar="COMMAND")
-    add = usub.add_parser("add", help="Add a user; the password is read from stdin or a prompt.",
-                          description="Add a user. The password is read from a prompt, or "
-                                      "from stdin when it is not a terminal.")
+    add = usub.add_parser(
+        "add",
+        help="Add a user; the password is read from stdin or a prompt.",
+        description="Add a user. The password is read from a prompt, or "
+        "from stdin when it is not a terminal.",
+    )
     _config_arg(add)
     add.add_argument("name")
-    add.add_argument("--email", action="append", default=[], metavar="ADDR",
-                     help="an address this user may send as (repeatable)")
-    add.add_argument("--group", action="append", default=[], metavar="G",
-                     help="a group for rules and approver routing (repeatable)")
+    add.add_argument(
+        "--email",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an address this user may send as (repeatable)",
+    )
+    add.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="a group for rules and approver routing (repeatable)",
+    )
     add.add_argument("--role", default="sender", choices=["sender", "approver", "admin", "auditor"])
-    add.add_argument("--no-password", action="store_true",
-                     help="API-only user: no SMTP login, tokens only")
+    add.add_argument(
+        "--no-password", action="store_true", help="API-only user: no SMTP login, tokens only"
+    )
     add.set_defaults(run=_users_add)
     lst = usub.add_parser("list", help="List users.", description="List users.")
     _config_arg(lst)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(run=_users_list)
-    rm = usub.add_parser("remove", help="Remove a user and their tokens.",
-                         description="Remove a user and their tokens.")
+    rm = usub.add_parser(
+        "remove",
+        help="Remove a user and their tokens.",
+        description="Remove a user and their tokens.",
+    )
     _config_arg(rm)
     rm.add_argument("name")
     rm.set_defaults(run=_users_remove)
-    pw = usub.add_parser("passwd", help="Set a user's password (stdin or prompt).",
-                         description="Set a user's password, read from a prompt or stdin.")
+    pw = usub.add_parser(
+        "passwd",
+        help="Set a user's password (stdin or prompt).",
+        description="Set a user's password, read from a prompt or stdin.",
+    )
     _config_arg(pw)
     pw.add_argument("name")
     pw.set_defaults(run=_users_passwd)
@@ -268,6 +331,7 @@ def _with_store(config: Config, action: Callable[[Any], Awaitable[T]]) -> T:
 def _users_add(args: argparse.Namespace) -> int:
     from gateway.credentials import hash_password
     from quarantine import accounts
+
     config = load_config(args.config)
     if not args.email and args.role == "sender":
         raise SystemExit("a sender needs at least one --email address")
@@ -275,9 +339,15 @@ def _users_add(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
 
     async def act(session: Any) -> None:
-        await accounts.add_user(session, name=args.name, password_hash=hashed,
-                                role=accounts.Role(args.role), emails=args.email,
-                                groups=args.group, now=now)
+        await accounts.add_user(
+            session,
+            name=args.name,
+            password_hash=hashed,
+            role=accounts.Role(args.role),
+            emails=args.email,
+            groups=args.group,
+            now=now,
+        )
 
     _account_call(config, act)
     print(f"added {args.role} {args.name}")
@@ -286,6 +356,7 @@ def _users_add(args: argparse.Namespace) -> int:
 
 def _account_call(config: Config, act: Callable[[Any], Awaitable[T]]) -> T:
     from quarantine.accounts import AccountError
+
     try:
         return _with_store(config, act)
     except AccountError as error:
@@ -294,20 +365,31 @@ def _account_call(config: Config, act: Callable[[Any], Awaitable[T]]) -> T:
 
 def _users_list(args: argparse.Namespace) -> int:
     from quarantine import accounts
+
     config = load_config(args.config)
 
     async def act(session: Any) -> list[dict[str, Any]]:
-        return [{"name": u.name, "role": u.role, "emails": u.emails, "groups": u.groups,
-                 "login": bool(u.password_hash), "disabled": u.disabled}
-                for u in await accounts.all_users(session)]
+        return [
+            {
+                "name": u.name,
+                "role": u.role,
+                "emails": u.emails,
+                "groups": u.groups,
+                "login": bool(u.password_hash),
+                "disabled": u.disabled,
+            }
+            for u in await accounts.all_users(session)
+        ]
 
     rows = _account_call(config, act)
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return 0
     for row in rows:
-        print(f"{row['name']:<20} {row['role']:<9} {','.join(row['emails']):<40} "
-              f"groups={','.join(row['groups']) or '-'}")
+        print(
+            f"{row['name']:<20} {row['role']:<9} {','.join(row['emails']):<40} "
+            f"groups={','.join(row['groups']) or '-'}"
+        )
     if not rows:
         print("no users yet: add one with `sekisho users add NAME --email ADDR`")
     return 0
@@ -315,6 +397,7 @@ def _users_list(args: argparse.Namespace) -> int:
 
 def _users_remove(args: argparse.Namespace) -> int:
     from quarantine import accounts
+
     config = load_config(args.config)
     _account_call(config, lambda s: accounts.remove_user(s, args.name))
     print(f"removed {args.name}")
@@ -324,6 +407,7 @@ def _users_remove(args: argparse.Namespace) -> int:
 def _users_passwd(args: argparse.Namespace) -> int:
     from gateway.credentials import hash_password
     from quarantine import accounts
+
     config = load_config(args.config)
     hashed = hash_password(read_password("New password: "))
     _account_call(config, lambda s: accounts.set_password(s, args.name, hashed, datetime.now(UTC)))
@@ -333,13 +417,18 @@ def _users_passwd(args: argparse.Namespace) -> int:
 
 # -- audit, tls -------------------------------------------------------------------
 
+
 def _audit_commands(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="Work with the audit log.",
-                           description="Work with the audit log.")
+    audit = sub.add_parser(
+        "audit", help="Work with the audit log.", description="Work with the audit log."
+    )
     asub = audit.add_subparsers(title="audit commands", metavar="COMMAND")
-    verify = asub.add_parser("verify", help="Check the audit log's hash chain.",
-                             description="Check every line's hash and its link to the line "
-                                         "before; report the first broken line.")
+    verify = asub.add_parser(
+        "verify",
+        help="Check the audit log's hash chain.",
+        description="Check every line's hash and its link to the line "
+        "before; report the first broken line.",
+    )
     _config_arg(verify)
     verify.add_argument("--path", help="audit log file (default: [audit].path from the config)")
     verify.set_defaults(run=_audit_verify)
@@ -347,6 +436,7 @@ def _audit_commands(sub: Any) -> None:
 
 def _audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify
+
     path = args.path or load_config(args.config).audit.path
     if path == "-":
         raise SystemExit("the audit log goes to stdout ([audit].path = '-'); give --path")
@@ -366,9 +456,11 @@ def _tls_commands(sub: Any) -> None:
     tls = sub.add_parser("tls", help="TLS helpers.", description="TLS helpers.")
     tsub = tls.add_subparsers(title="tls commands", metavar="COMMAND")
     selfsigned = tsub.add_parser(
-        "self-signed", help="Write a self-signed certificate and key for trials.",
+        "self-signed",
+        help="Write a self-signed certificate and key for trials.",
         description="Write a self-signed certificate and key for trials. Point "
-                    "[smtp].tls_cert and tls_key at them.")
+        "[smtp].tls_cert and tls_key at them.",
+    )
     selfsigned.add_argument("--hostname", default="localhost")
     selfsigned.add_argument("--out", default="var/tls", help="directory (default: var/tls)")
     selfsigned.add_argument("--days", type=int, default=365)
@@ -377,6 +469,7 @@ def _tls_commands(sub: Any) -> None:
 
 def _tls_self_signed(args: argparse.Namespace) -> int:
     from gateway.tls import write_self_signed
+
     cert, key = write_self_signed(Path(args.out), args.hostname, args.days)
     print(f"wrote {cert} and {key}")
     print(f'set [smtp] tls_cert = "{cert}" and tls_key = "{key}"')

@@ -169,7 +169,11 @@ class Upstream:
     path: Path | None = None
 
     def __str__(self) -> str:
-        return f"maildir:{self.path}" if self.scheme == "maildir" else f"{self.scheme}://{self.host}:{self.port}"
+        return (
+            f"maildir:{self.path}"
+            if self.scheme == "maildir"
+            else f"{self.scheme}://{self.host}:{self.port}"
+        )
 
 
 def parse_upstream(value: object, info: ValidationInfo) -> Upstream:
@@ -184,14 +188,22 @@ def parse_upstream(value: object, info: ValidationInfo) -> Upstream:
         return Upstream("maildir", path=_under(_base(info), path))
     scheme, sep, rest = value.partition("://")
     if not sep or scheme not in ("smtp", "smtps"):
-        raise ValueError(f"unknown scheme {scheme if sep else value!r}; use smtp://, smtps:// or maildir:")
+        raise ValueError(
+            f"unknown scheme {scheme if sep else value!r}; use smtp://, smtps:// or maildir:"
+        )
     default_port = 465 if scheme == "smtps" else 25
-    endpoint = parse_endpoint(rest.rstrip("/") if ":" in rest.lstrip("[").split("]")[-1] else f"{rest.rstrip('/')}:{default_port}")
+    endpoint = parse_endpoint(
+        rest.rstrip("/")
+        if ":" in rest.lstrip("[").split("]")[-1]
+        else f"{rest.rstrip('/')}:{default_port}"
+    )
     return Upstream(scheme, endpoint.host, endpoint.port)  # type: ignore[arg-type]
 
 
 class DeliveryConfig(_Section):
-    upstream: Annotated[Upstream, BeforeValidator(parse_upstream)] = Upstream("maildir", path=Path("var/outbox"))
+    upstream: Annotated[Upstream, BeforeValidator(parse_upstream)] = Upstream(
+        "maildir", path=Path("var/outbox")
+    )
     starttls: StartTls = StartTls.OPPORTUNISTIC
     username: str | None = None
     password: Secret | None = None
@@ -225,7 +237,9 @@ class StoreConfig(_Section):
     def _url(cls, value: str, info: ValidationInfo) -> str:
         scheme = value.split(":", 1)[0].split("+", 1)[0]
         if scheme not in ("sqlite", "postgresql", "postgres"):
-            raise ValueError(f"unsupported database {scheme!r}; use sqlite:///PATH or postgresql://…")
+            raise ValueError(
+                f"unsupported database {scheme!r}; use sqlite:///PATH or postgresql://…"
+            )
         prefix = "sqlite:///"
         if value.startswith(prefix) or value.startswith("sqlite+aiosqlite:///"):
             path = value.split(":///", 1)[1]
@@ -300,7 +314,8 @@ class Config(BaseModel):
             return value
         return [
             {**c, "zip_password": resolve_secret(c["zip_password"], _base(info))}
-            if isinstance(c, dict) and "zip_password" in c else c
+            if isinstance(c, dict) and "zip_password" in c
+            else c
             for c in value
         ]
 
@@ -327,7 +342,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, base=file.resolve().parent, source=file)
 
 
-def parse_config(data: Mapping[str, Any], base: Path | None = None, source: Path | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any], base: Path | None = None, source: Path | None = None
+) -> Config:
     try:
         config = Config.model_validate(dict(data), context={"base": base})
     except ValidationError as error:
@@ -374,5 +391,9 @@ def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
         if field is None:
             return []
         current = field.annotation
-        current = getattr(current, "__args__", (current,))[0] if not isinstance(current, type) else current
+        current = (
+            getattr(current, "__args__", (current,))[0]
+            if not isinstance(current, type)
+            else current
+        )
     return list(getattr(current, "model_fields", {}))

@@ -67,7 +67,8 @@ class Credentials:
         self._users = {
             u.name: _Entry(
                 Principal(u.name, u.role, frozenset(e.lower() for e in u.emails), tuple(u.groups)),
-                u.password_hash, u.disabled,
+                u.password_hash,
+                u.disabled,
             )
             for u in rows
         }

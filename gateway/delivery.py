@@ -51,10 +51,19 @@ class Outcome:
 
 
 class Delivery:
-    def __init__(self, store: Store, audit: AuditLog, transport: Transport,
-                 config: DeliveryConfig, clock: Callable[[], datetime], *, owner: str,
-                 reporting_host: str, prepare: Prepare = send_as_stored,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        transport: Transport,
+        config: DeliveryConfig,
+        clock: Callable[[], datetime],
+        *,
+        owner: str,
+        reporting_host: str,
+        prepare: Prepare = send_as_stored,
+        rng: random.Random | None = None,
+    ) -> None:
         self._store = store
         self._audit = audit
         self._transport = transport
@@ -84,8 +93,9 @@ class Delivery:
             if claimed == 0 and not self._stopping:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(),
-                                           self._config.poll_interval.total_seconds())
+                    await asyncio.wait_for(
+                        self._wake.wait(), self._config.poll_interval.total_seconds()
+                    )
 
     async def run_once(self) -> int:
         """Claim what is due (up to the free worker slots), start sending it."""
@@ -96,8 +106,9 @@ class Delivery:
             return 1
         now = self._clock()
         async with self._store.transaction() as session:
-            claims = await repo.claim_due(session, owner=self.owner, now=now,
-                                          lease=self._config.lease, limit=free * 10)
+            claims = await repo.claim_due(
+                session, owner=self.owner, now=now, lease=self._config.lease, limit=free * 10
+            )
         for claim in claims:
             task = asyncio.create_task(self._deliver_guarded(claim))
             self._inflight.add(task)
@@ -155,16 +166,20 @@ class Delivery:
             outcomes = await self._send(claim, [by_address[a] for a in addresses], data)
             await self._record(claim, outcomes)
 
-    async def _send(self, claim: Claim, recipients: Sequence[ClaimedRecipient],
-                    data: bytes) -> list[Outcome]:
+    async def _send(
+        self, claim: Claim, recipients: Sequence[ClaimedRecipient], data: bytes
+    ) -> list[Outcome]:
         try:
-            results = await self._transport.send(claim.mail_from,
-                                                 [r.address for r in recipients], data)
+            results = await self._transport.send(
+                claim.mail_from, [r.address for r in recipients], data
+            )
         except SmtpFailure as failure:
             return [self._outcome(r, failure.code, failure.reply()[4:]) for r in recipients]
         return self._per_recipient(recipients, results)
 
-    def _per_recipient(self, recipients: Sequence[ClaimedRecipient], results: Results) -> list[Outcome]:
+    def _per_recipient(
+        self, recipients: Sequence[ClaimedRecipient], results: Results
+    ) -> list[Outcome]:
         outcomes = []
         for r in recipients:
             code, text = results.get(r.address, (451, "4.3.0 no answer for this recipient"))
@@ -172,8 +187,10 @@ class Delivery:
         return outcomes
 
     def _all(self, claim: Claim, failure: SmtpFailure) -> list[Outcome]:
-        return [self._outcome(r, failure.code, f"{failure.status} {failure.message}")
-                for r in claim.recipients]
+        return [
+            self._outcome(r, failure.code, f"{failure.status} {failure.message}")
+            for r in claim.recipients
+        ]
 
     def _outcome(self, recipient: ClaimedRecipient, code: int, text: str) -> Outcome:
         now = self._clock()
@@ -182,16 +199,22 @@ class Delivery:
         if code >= 500:
             return Outcome(recipient, RecipientState.BOUNCED, code, text)
         if now - recipient.queued_at >= self._config.bounce_after:
-            return Outcome(recipient, RecipientState.BOUNCED, code,
-                           f"{text} (still undelivered after {self._config.bounce_after})")
-        return Outcome(recipient, RecipientState.DEFERRED, code, text,
-                       now + self.backoff(recipient.attempts))
+            return Outcome(
+                recipient,
+                RecipientState.BOUNCED,
+                code,
+                f"{text} (still undelivered after {self._config.bounce_after})",
+            )
+        return Outcome(
+            recipient, RecipientState.DEFERRED, code, text, now + self.backoff(recipient.attempts)
+        )
 
     def backoff(self, attempts: int) -> timedelta:
         """Exponential backoff with ±20 % jitter, so retries after an outage spread out."""
         base = self._config.retry_initial * (2 ** min(attempts, 20))
         capped = min(base, self._config.retry_max)
-        return capped * self._rng.uniform(0.8, 1.2)
+        jittered: timedelta = capped * self._rng.uniform(0.8, 1.2)
+        return jittered
 
     async def _record(self, claim: Claim, outcomes: Sequence[Outcome]) -> None:
         now = self._clock()
@@ -199,8 +222,15 @@ class Delivery:
         async with self._store.transaction() as session:
             for o in outcomes:
                 kept = await repo.record_outcome(
-                    session, o.recipient.id, state=o.state, code=o.code, response=o.response,
-                    now=now, owner=self.owner, next_attempt_at=o.next_attempt_at)
+                    session,
+                    o.recipient.id,
+                    state=o.state,
+                    code=o.code,
+                    response=o.response,
+                    now=now,
+                    owner=self.owner,
+                    next_attempt_at=o.next_attempt_at,
+                )
                 if kept and o.state is RecipientState.BOUNCED:
                     bounced.append(Failed(o.recipient.address, o.code, o.response))
                 if kept:
@@ -211,26 +241,52 @@ class Delivery:
                 self._audit.emit(f"message.{state.value}", id=message_id)
 
     def _audit_outcome(self, claim: Claim, o: Outcome) -> None:
-        event = {RecipientState.DELIVERED: "delivery.sent", RecipientState.DEFERRED: "delivery.deferred",
-                 RecipientState.BOUNCED: "delivery.bounced"}[o.state]
-        self._audit.emit(event, id=claim.message_id, rcpt=o.recipient.address, code=o.code,
-                         response=o.response[:300], attempt=o.recipient.attempts + 1,
-                         retry_at=o.next_attempt_at.isoformat() if o.next_attempt_at else None)
+        event = {
+            RecipientState.DELIVERED: "delivery.sent",
+            RecipientState.DEFERRED: "delivery.deferred",
+            RecipientState.BOUNCED: "delivery.bounced",
+        }[o.state]
+        self._audit.emit(
+            event,
+            id=claim.message_id,
+            rcpt=o.recipient.address,
+            code=o.code,
+            response=o.response[:300],
+            attempt=o.recipient.attempts + 1,
+            retry_at=o.next_attempt_at.isoformat() if o.next_attempt_at else None,
+        )
 
-    async def _queue_dsn(self, session: AsyncSession, claim: Claim, bounced: list[Failed],
-                         now: datetime) -> None:
+    async def _queue_dsn(
+        self, session: AsyncSession, claim: Claim, bounced: list[Failed], now: datetime
+    ) -> None:
         """A bounce goes back to the sender as a queued message with the null sender,
         so it is durable and retried like any other; a bounce never bounces."""
         raw = await repo.load_raw(session, claim.message_id)
-        dsn = build_dsn(reporting_host=self._host, original_id=claim.message_id,
-                        original_from=claim.mail_from, original=raw or b"", failed=bounced,
-                        arrival=claim.created_at, now=now)
+        dsn = build_dsn(
+            reporting_host=self._host,
+            original_id=claim.message_id,
+            original_from=claim.mail_from,
+            original=raw or b"",
+            failed=bounced,
+            arrival=claim.created_at,
+            now=now,
+        )
         dsn_id = new_id()
-        await repo.add_message(session, NewMessage(
-            id=dsn_id, mail_from="", rcpt_tos=[claim.mail_from], raw=dsn,
-            state=MessageState.QUEUED, verdict=Verdict.deliver().model_dump(mode="json"),
-            subject="Undelivered Mail Returned to Sender", kind="dsn",
-        ), now)
-        self._audit.emit("dsn.queued", id=dsn_id, original=claim.message_id,
-                         rcpt=[f.address for f in bounced])
+        await repo.add_message(
+            session,
+            NewMessage(
+                id=dsn_id,
+                mail_from="",
+                rcpt_tos=[claim.mail_from],
+                raw=dsn,
+                state=MessageState.QUEUED,
+                verdict=Verdict.deliver().model_dump(mode="json"),
+                subject="Undelivered Mail Returned to Sender",
+                kind="dsn",
+            ),
+            now,
+        )
+        self._audit.emit(
+            "dsn.queued", id=dsn_id, original=claim.message_id, rcpt=[f.address for f in bounced]
+        )
         self.wake()

@@ -22,8 +22,16 @@ class Failed:
     response: str
 
 
-def build_dsn(*, reporting_host: str, original_id: str, original_from: str,
-              original: bytes, failed: Sequence[Failed], arrival: datetime, now: datetime) -> bytes:
+def build_dsn(
+    *,
+    reporting_host: str,
+    original_id: str,
+    original_from: str,
+    original: bytes,
+    failed: Sequence[Failed],
+    arrival: datetime,
+    now: datetime,
+) -> bytes:
     """A multipart/report with a readable part, the per-recipient status and the
     original headers (never the original body: it may carry what the sender must not
     get back unprotected, and RFC 3462 allows headers only)."""
@@ -40,12 +48,15 @@ def build_dsn(*, reporting_host: str, original_id: str, original_from: str,
     report.set_boundary(f"sekisho-dsn-{original_id}")
     status = EmailMessage(policy=SMTP_POLICY)
     status["Content-Type"] = "message/delivery-status"
-    status.set_payload(_machine(reporting_host, original_id, failed, arrival))
+    status.set_payload(list[Message | str](_machine(reporting_host, original_id, failed, arrival)))
     report.attach(status)
     headers = EmailMessage(policy=SMTP_POLICY)
     end = original.find(b"\r\n\r\n")
-    headers.set_payload(original[: end + 2 if end >= 0 else HEADERS_LIMIT][:HEADERS_LIMIT]
-                        .decode("ascii", "replace"))
+    headers.set_payload(
+        original[: end + 2 if end >= 0 else HEADERS_LIMIT][:HEADERS_LIMIT].decode(
+            "ascii", "replace"
+        )
+    )
     headers["Content-Type"] = "text/rfc822-headers"
     report.attach(headers)
     return report.as_bytes(policy=SMTP_POLICY)
@@ -68,17 +79,31 @@ def _fields(pairs: Sequence[tuple[str, str]]) -> Message:
     return block
 
 
-def _machine(host: str, original_id: str, failed: Sequence[Failed],
-             arrival: datetime) -> list[Message]:
+def _machine(
+    host: str, original_id: str, failed: Sequence[Failed], arrival: datetime
+) -> list[Message]:
     """Per-message fields, then one block of per-recipient fields each (RFC 3464 §2.2-2.3)."""
-    blocks = [_fields([("Reporting-MTA", f"dns; {host}"), ("X-Sekisho-Queue-ID", original_id),
-                       ("Arrival-Date", format_datetime(arrival))])]
+    blocks = [
+        _fields(
+            [
+                ("Reporting-MTA", f"dns; {host}"),
+                ("X-Sekisho-Queue-ID", original_id),
+                ("Arrival-Date", format_datetime(arrival)),
+            ]
+        )
+    ]
     for f in failed:
         match = _STATUS.search(f.response)
         status = match.group(1) if match and match.group(1)[0] == "5" else "5.0.0"
         diagnostic = f"smtp; {f.code} {f.response}" if f.code else f"X-Sekisho; {f.response}"
-        blocks.append(_fields([
-            ("Final-Recipient", f"rfc822; {f.address}"), ("Action", "failed"),
-            ("Status", status), ("Diagnostic-Code", " ".join(diagnostic.split())[:900]),
-        ]))
+        blocks.append(
+            _fields(
+                [
+                    ("Final-Recipient", f"rfc822; {f.address}"),
+                    ("Action", "failed"),
+                    ("Status", status),
+                    ("Diagnostic-Code", " ".join(diagnostic.split())[:900]),
+                ]
+            )
+        )
     return blocks

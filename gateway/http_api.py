@@ -14,12 +14,18 @@ from quarantine.db import Store
 
 
 def create_app(store: Store, *, version: str = "0.1.0") -> FastAPI:
-    app = FastAPI(title="Sekisho", version=version,
-                  description="Outbound mail gateway: quarantine, approval and audit API",
-                  openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs", redoc_url=None)
+    app = FastAPI(
+        title="Sekisho",
+        version=version,
+        description="Outbound mail gateway: quarantine, approval and audit API",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
     registry = CollectorRegistry()
-    depth = Gauge("sekisho_messages", "Messages in the store by state", ["state"],
-                  registry=registry)
+    depth = Gauge(
+        "sekisho_messages", "Messages in the store by state", ["state"], registry=registry
+    )
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
@@ -33,8 +39,9 @@ def create_app(store: Store, *, version: str = "0.1.0") -> FastAPI:
             async with store.read() as session:
                 await session.execute(text("SELECT 1"))
         except Exception as error:
-            return JSONResponse({"status": "unavailable", "store": type(error).__name__},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "store": type(error).__name__}, status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["operations"])

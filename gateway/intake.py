@@ -90,14 +90,21 @@ class Intake:
         data = submission.data
         if has_bare_newlines(data):
             if self._reject_bare:
-                self._audit.emit("message.refused", actor=_actor(submission),
-                                 reason="bare-newline", client=submission.client_address)
+                self._audit.emit(
+                    "message.refused",
+                    actor=_actor(submission),
+                    reason="bare-newline",
+                    client=submission.client_address,
+                )
                 return "550 5.6.0 Message contains a bare CR or LF (RFC 5321 section 2.3.8)"
             data = normalize_newlines(data)
         now = self._clock()
-        envelope = Envelope(mail_from=submission.mail_from, rcpt_tos=submission.rcpt_tos,
-                            sender_user=submission.sender_user,
-                            sender_groups=submission.sender_groups)
+        envelope = Envelope(
+            mail_from=submission.mail_from,
+            rcpt_tos=submission.rcpt_tos,
+            sender_user=submission.sender_user,
+            sender_groups=submission.sender_groups,
+        )
         result = await self._inspect(data, envelope, now)
         verdict = result.verdict
         if verdict.action is Action.REFUSE:
@@ -105,18 +112,35 @@ class Intake:
         message_id = new_id()
         state, release_at = self._placement(result, now)
         async with self._store.transaction() as session:
-            await add_message(session, NewMessage(
-                id=message_id, mail_from=submission.mail_from, rcpt_tos=submission.rcpt_tos,
-                raw=data, state=state, verdict=verdict.model_dump(mode="json"),
-                subject=result.subject, rule=verdict.rule,
-                attachments=[_attachment_json(a) for a in result.attachments],
-                sender_user=submission.sender_user, client_address=submission.client_address,
-                helo=submission.helo, release_at=release_at,
-            ), now)
+            await add_message(
+                session,
+                NewMessage(
+                    id=message_id,
+                    mail_from=submission.mail_from,
+                    rcpt_tos=submission.rcpt_tos,
+                    raw=data,
+                    state=state,
+                    verdict=verdict.model_dump(mode="json"),
+                    subject=result.subject,
+                    rule=verdict.rule,
+                    attachments=[_attachment_json(a) for a in result.attachments],
+                    sender_user=submission.sender_user,
+                    client_address=submission.client_address,
+                    helo=submission.helo,
+                    release_at=release_at,
+                ),
+                now,
+            )
         self._audit.emit(
-            "message.accepted", id=message_id, actor=_actor(submission),
-            mail_from=submission.mail_from, rcpt=list(submission.rcpt_tos), size=len(data),
-            state=state.value, rule=verdict.rule, client=submission.client_address,
+            "message.accepted",
+            id=message_id,
+            actor=_actor(submission),
+            mail_from=submission.mail_from,
+            rcpt=list(submission.rcpt_tos),
+            size=len(data),
+            state=state.value,
+            rule=verdict.rule,
+            client=submission.client_address,
         )
         if state is MessageState.QUEUED and self._on_queued is not None:
             self._on_queued()
@@ -143,16 +167,25 @@ class Intake:
     def _refuse(self, submission: Submission, result: Inspection) -> str:
         verdict = result.verdict
         self._audit.emit(
-            "message.refused", actor=_actor(submission), mail_from=submission.mail_from,
-            rcpt=list(submission.rcpt_tos), rule=verdict.rule, client=submission.client_address,
+            "message.refused",
+            actor=_actor(submission),
+            mail_from=submission.mail_from,
+            rcpt=list(submission.rcpt_tos),
+            rule=verdict.rule,
+            client=submission.client_address,
             trace=[t.model_dump(mode="json") for t in verdict.trace if t.matched],
         )
         return f"550 5.7.1 {verdict.smtp_reason()}"
 
-    def _safe_audit(self, event: str, submission: Submission, **details: object) -> None:
+    def _safe_audit(self, event: str, submission: Submission, **details: str) -> None:
         try:
-            self._audit.emit(event, actor=_actor(submission), mail_from=submission.mail_from,
-                             client=submission.client_address, **details)
+            self._audit.emit(
+                event,
+                actor=_actor(submission),
+                mail_from=submission.mail_from,
+                client=submission.client_address,
+                **details,
+            )
         except Exception:
             log.exception("audit write failed")
 

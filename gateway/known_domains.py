@@ -26,8 +26,11 @@ class KnownDomains:
         try:
             async with self._store.read() as session:
                 rows = await session.scalars(
-                    select(Recipient.domain).where(Recipient.state == RecipientState.DELIVERED)
-                    .distinct().limit(LIMIT))
+                    select(Recipient.domain)
+                    .where(Recipient.state == RecipientState.DELIVERED)
+                    .distinct()
+                    .limit(LIMIT)
+                )
                 self.domains = frozenset(rows.all())
         except Exception:
             log.warning("could not refresh known recipient domains; keeping the last set")

@@ -46,8 +46,14 @@ def _ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 class Handler:
-    def __init__(self, config: SmtpConfig, intake: Intake, credentials: Credentials,
-                 audit: AuditLog, counters: Counters) -> None:
+    def __init__(
+        self,
+        config: SmtpConfig,
+        intake: Intake,
+        credentials: Credentials,
+        audit: AuditLog,
+        counters: Counters,
+    ) -> None:
         self.config = config
         self.intake = intake
         self.credentials = credentials
@@ -55,23 +61,41 @@ class Handler:
         self.counters = counters
 
     # -- EHLO: aiosmtpd builds the list; we add PIPELINING and hide an empty AUTH line.
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         kept = [r for r in responses if r.strip() != "250-AUTH"]
         kept.insert(1, "250-PIPELINING")
         return kept
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         refusal = self._relay_refusal(session)
         if refusal:
             return refusal
         principal: Principal | None = session.auth_data if session.authenticated else None
         if principal is not None and not principal.may_send_as(address):
-            self.audit.emit("auth.sender_mismatch", actor=principal.name, mail_from=address,
-                            client=_peer(session))
-            return f"553 5.7.1 Sender address <{address}> is not one of {principal.name}'s addresses"
+            self.audit.emit(
+                "auth.sender_mismatch",
+                actor=principal.name,
+                mail_from=address,
+                client=_peer(session),
+            )
+            return (
+                f"553 5.7.1 Sender address <{address}> is not one of {principal.name}'s addresses"
+            )
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -82,7 +106,11 @@ class Handler:
         trusted = self._trusted(session)
         match self.config.auth:
             case AuthMode.OFF:
-                return None if trusted else "550 5.7.1 Relay access denied: client not in trusted_networks"
+                return (
+                    None
+                    if trusted
+                    else "550 5.7.1 Relay access denied: client not in trusted_networks"
+                )
             case AuthMode.OPTIONAL:
                 return None if trusted else CODE_AUTH_REQUIRED
             case AuthMode.REQUIRED:
@@ -92,13 +120,24 @@ class Handler:
         ip = _ip(session.peer)
         return ip is not None and any(ip in net for net in self.config.trusted_networks)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 tells the client to send the rest in another transaction.
             return "452 4.5.3 Too many recipients"
         local, at, domain = address.rpartition("@")
-        if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
+        if (
+            not at
+            or not local
+            or not domain
+            or ("." not in domain.strip("[]") and not domain.startswith("["))
+        ):
             return "553 5.1.3 Recipient address must be a full address like user@example.com"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -107,15 +146,17 @@ class Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         principal: Principal | None = session.auth_data if session.authenticated else None
         content = envelope.original_content or b""
-        return await self.intake.submit(Submission(
-            mail_from=envelope.mail_from or "",
-            rcpt_tos=tuple(envelope.rcpt_tos),
-            data=bytes(content),
-            client_address=_peer(session),
-            helo=session.host_name,
-            sender_user=principal.name if principal else None,
-            sender_groups=principal.groups if principal else (),
-        ))
+        return await self.intake.submit(
+            Submission(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=bytes(content),
+                client_address=_peer(session),
+                helo=session.host_name,
+                sender_user=principal.name if principal else None,
+                sender_groups=principal.groups if principal else (),
+            )
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error", exc_info=error)
@@ -185,8 +226,14 @@ class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with a connection cap, an error budget and loopback-only AUTH
     without TLS."""
 
-    def __init__(self, handler: Handler, counters: Counters, max_connections: int,
-                 max_errors: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        counters: Counters,
+        max_connections: int,
+        max_errors: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._counters = counters
         self._max_connections = max_connections
@@ -245,14 +292,31 @@ def smtp_factory(config: SmtpConfig, handler: Handler, counters: Counters) -> Ca
 
     def factory() -> SMTP:
         return GatewaySMTP(
-            handler, counters, config.max_connections, config.max_errors,
-            hostname=config.hostname, ident=IDENT,
-            data_size_limit=config.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-            tls_context=context, require_starttls=config.require_tls,
-            auth_require_tls=True, auth_exclude_mechanism=["PLAIN", "LOGIN"] if auth_off else None,
+            handler,
+            counters,
+            config.max_connections,
+            config.max_errors,
+            hostname=config.hostname,
+            ident=IDENT,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=context,
+            require_starttls=config.require_tls,
+            auth_require_tls=True,
+            auth_exclude_mechanism=["PLAIN", "LOGIN"] if auth_off else None,
             timeout=config.idle_timeout.total_seconds(),
-            command_call_limit={"AUTH": 5, "NOOP": 100, "RSET": 1000, "VRFY": 10, "HELP": 10,
-                                "EHLO": 20, "HELO": 20, "STARTTLS": 2, "*": 100_000},
+            command_call_limit={
+                "AUTH": 5,
+                "NOOP": 100,
+                "RSET": 1000,
+                "VRFY": 10,
+                "HELP": 10,
+                "EHLO": 20,
+                "HELO": 20,
+                "STARTTLS": 2,
+                "*": 100_000,
+            },
         )
 
     return factory
@@ -261,8 +325,11 @@ def smtp_factory(config: SmtpConfig, handler: Handler, counters: Counters) -> Ca
 async def start_smtp(config: SmtpConfig, handler: Handler, counters: Counters) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        smtp_factory(config, handler, counters), host=config.listen.host, port=config.listen.port,
-        reuse_address=True, backlog=1024,
+        smtp_factory(config, handler, counters),
+        host=config.listen.host,
+        port=config.listen.port,
+        reuse_address=True,
+        backlog=1024,
     )
 
 

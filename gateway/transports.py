@@ -67,12 +67,16 @@ class SmtpTransport:
         upstream = config.upstream
         # start_tls=None would upgrade only when STARTTLS is advertised, which a
         # man in the middle can strip (FIELD-NOTES); `required` insists on it.
-        start_tls = {StartTls.REQUIRED: True, StartTls.OPPORTUNISTIC: None,
-                     StartTls.OFF: False}[config.starttls]
+        start_tls = {StartTls.REQUIRED: True, StartTls.OPPORTUNISTIC: None, StartTls.OFF: False}[
+            config.starttls
+        ]
         client = aiosmtplib.SMTP(
-            hostname=upstream.host, port=upstream.port, use_tls=upstream.scheme == "smtps",
+            hostname=upstream.host,
+            port=upstream.port,
+            use_tls=upstream.scheme == "smtps",
             start_tls=None if upstream.scheme == "smtps" else start_tls,
-            validate_certs=config.verify_certificate, timeout=config.timeout.total_seconds(),
+            validate_certs=config.verify_certificate,
+            timeout=config.timeout.total_seconds(),
             local_hostname=config.helo_name,
             username=config.username,
             password=config.password.get_secret_value() if config.password else None,
@@ -83,30 +87,34 @@ class SmtpTransport:
         except SMTPResponseException as error:
             client.close()
             raise _failure(error.code, error.message) from None
-        except (OSError, aiosmtplib.SMTPException, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError, aiosmtplib.SMTPException) as error:
             client.close()
-            raise TemporaryFailure(f"cannot connect to {upstream}: {_describe(error)}",
-                                   code=421, status="4.4.1") from None
+            raise TemporaryFailure(
+                f"cannot connect to {upstream}: {_describe(error)}", code=421, status="4.4.1"
+            ) from None
         return client
 
-    async def _transact(self, client: aiosmtplib.SMTP, mail_from: str,
-                        rcpts: Sequence[str], data: bytes) -> Results:
+    async def _transact(
+        self, client: aiosmtplib.SMTP, mail_from: str, rcpts: Sequence[str], data: bytes
+    ) -> Results:
         options = []
         if client.supports_extension("8bitmime") and not data.isascii():
             options.append("BODY=8BITMIME")  # aiosmtplib does not add it by itself
         if not all(a.isascii() for a in (mail_from, *rcpts)):
             options.append("SMTPUTF8")
         try:
-            refused, reply = await client.sendmail(mail_from, list(rcpts), data,
-                                                   mail_options=options)
+            refused, reply = await client.sendmail(
+                mail_from, list(rcpts), data, mail_options=options
+            )
         except SMTPRecipientsRefused as error:
             return {e.recipient: (e.code, e.message) for e in error.recipients}
         except SMTPResponseException as error:
             raise _failure(error.code, error.message) from None
-        except (OSError, aiosmtplib.SMTPException, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError, aiosmtplib.SMTPException) as error:
             # Includes a connection dropped before the DATA reply: not delivered, retry.
-            raise TemporaryFailure(f"upstream connection failed: {_describe(error)}",
-                                   code=421, status="4.4.2") from None
+            raise TemporaryFailure(
+                f"upstream connection failed: {_describe(error)}", code=421, status="4.4.2"
+            ) from None
         results: Results = {r: (250, reply) for r in rcpts}
         results.update({r: (resp.code, resp.message) for r, resp in refused.items()})
         return results
@@ -136,8 +144,9 @@ class MaildirTransport:
         try:
             await asyncio.to_thread(self._write_all, mail_from, rcpts, data)
         except OSError as error:
-            raise TemporaryFailure(f"maildir write failed: {error.strerror}",
-                                   code=451, status="4.3.0") from None
+            raise TemporaryFailure(
+                f"maildir write failed: {error.strerror}", code=451, status="4.3.0"
+            ) from None
         return {r: (250, "2.0.0 written to maildir") for r in rcpts}
 
     def _write_all(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:

@@ -32,17 +32,30 @@ async def all_users(session: AsyncSession) -> Sequence[User]:
 
 
 async def add_user(
-    session: AsyncSession, *, name: str, password_hash: str | None, role: Role,
-    emails: Sequence[str], groups: Sequence[str], now: datetime,
+    session: AsyncSession,
+    *,
+    name: str,
+    password_hash: str | None,
+    role: Role,
+    emails: Sequence[str],
+    groups: Sequence[str],
+    now: datetime,
 ) -> User:
     if await get_user(session, name) is not None:
         raise AccountError(f"user {name!r} already exists")
     taken = await _owners_of(session, emails)
     if taken:
         raise AccountError("address already belongs to another user: " + ", ".join(taken))
-    user = User(name=name, password_hash=password_hash, role=role.value,
-                emails=[e.lower() for e in emails], groups=list(groups),
-                created_at=now, updated_at=now, disabled=False)
+    user = User(
+        name=name,
+        password_hash=password_hash,
+        role=role.value,
+        emails=[e.lower() for e in emails],
+        groups=list(groups),
+        created_at=now,
+        updated_at=now,
+        disabled=False,
+    )
     session.add(user)
     await session.flush()
     return user
@@ -72,13 +85,27 @@ async def set_password(session: AsyncSession, name: str, password_hash: str, now
     user.updated_at = now
 
 
-async def add_token(session: AsyncSession, *, user: str, token_hash: str, prefix: str,
-                    label: str | None, expires_at: datetime | None, now: datetime) -> Token:
+async def add_token(
+    session: AsyncSession,
+    *,
+    user: str,
+    token_hash: str,
+    prefix: str,
+    label: str | None,
+    expires_at: datetime | None,
+    now: datetime,
+) -> Token:
     owner = await get_user(session, user)
     if owner is None:
         raise AccountError(f"no user {user!r}")
-    token = Token(user_id=owner.id, token_hash=token_hash, prefix=prefix, label=label,
-                  created_at=now, expires_at=expires_at)
+    token = Token(
+        user_id=owner.id,
+        token_hash=token_hash,
+        prefix=prefix,
+        label=label,
+        created_at=now,
+        expires_at=expires_at,
+    )
     session.add(token)
     await session.flush()
     return token
@@ -92,8 +119,11 @@ async def tokens_of(session: AsyncSession, user: str | None = None) -> Sequence[
 
 
 async def revoke_token(session: AsyncSession, prefix: str, now: datetime) -> int:
-    tokens = (await session.scalars(
-        select(Token).where(Token.prefix == prefix, Token.revoked_at.is_(None)))).all()
+    tokens = (
+        await session.scalars(
+            select(Token).where(Token.prefix == prefix, Token.revoked_at.is_(None))
+        )
+    ).all()
     if not tokens:
         raise AccountError(f"no active token {prefix!r}")
     for token in tokens:

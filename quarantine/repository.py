@@ -52,20 +52,42 @@ async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> 
     count: this is the hot path of every accepted message.
     """
     released = new.state is MessageState.QUEUED
-    await session.execute(insert(Message).values(
-        id=new.id, created_at=now, updated_at=now, state=new.state, kind=new.kind,
-        mail_from=new.mail_from, sender_user=new.sender_user, client_address=new.client_address,
-        helo=new.helo, subject=new.subject, size=len(new.raw), rule=new.rule,
-        verdict=new.verdict, attachments=new.attachments, release_at=new.release_at,
-    ))
+    await session.execute(
+        insert(Message).values(
+            id=new.id,
+            created_at=now,
+            updated_at=now,
+            state=new.state,
+            kind=new.kind,
+            mail_from=new.mail_from,
+            sender_user=new.sender_user,
+            client_address=new.client_address,
+            helo=new.helo,
+            subject=new.subject,
+            size=len(new.raw),
+            rule=new.rule,
+            verdict=new.verdict,
+            attachments=new.attachments,
+            release_at=new.release_at,
+        )
+    )
     await session.execute(insert(Body).values(message_id=new.id, raw=new.raw))
-    await session.execute(insert(Recipient), [
-        dict(message_id=new.id, address=address, domain=domain_of(address),
-             state=RecipientState.QUEUED if released else RecipientState.WAITING,
-             attempts=0, next_attempt_at=now if released else None, updated_at=now,
-             queued_at=now if released else None)
-        for address in new.rcpt_tos
-    ])
+    await session.execute(
+        insert(Recipient),
+        [
+            dict(
+                message_id=new.id,
+                address=address,
+                domain=domain_of(address),
+                state=RecipientState.QUEUED if released else RecipientState.WAITING,
+                attempts=0,
+                next_attempt_at=now if released else None,
+                updated_at=now,
+                queued_at=now if released else None,
+            )
+            for address in new.rcpt_tos
+        ],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +133,19 @@ async def claim_due(
     if not ids:
         return []
     await session.execute(
-        update(Recipient).where(Recipient.id.in_(ids))
+        update(Recipient)
+        .where(Recipient.id.in_(ids))
         .values(lease_owner=owner, lease_expires_at=now + lease)
     )
     rows = await session.execute(
-        select(Recipient.id, Recipient.address, Recipient.attempts, Recipient.queued_at,
-               Recipient.domain, Message)
+        select(
+            Recipient.id,
+            Recipient.address,
+            Recipient.attempts,
+            Recipient.queued_at,
+            Recipient.domain,
+            Message,
+        )
         .join(Message, Message.id == Recipient.message_id)
         .where(Recipient.id.in_(ids))
         .order_by(Recipient.id)
@@ -125,11 +154,19 @@ async def claim_due(
     messages: dict[str, Message] = {}
     for rid, address, attempts, queued_at, domain, message in rows:
         groups[(message.id, domain)].append(
-            ClaimedRecipient(rid, address, attempts, queued_at or message.created_at))
+            ClaimedRecipient(rid, address, attempts, queued_at or message.created_at)
+        )
         messages[message.id] = message
     return [
-        Claim(mid, messages[mid].mail_from, messages[mid].kind, messages[mid].created_at,
-              messages[mid].verdict, domain, tuple(rcpts))
+        Claim(
+            mid,
+            messages[mid].mail_from,
+            messages[mid].kind,
+            messages[mid].created_at,
+            messages[mid].verdict,
+            domain,
+            tuple(rcpts),
+        )
         for (mid, domain), rcpts in groups.items()
     ]
 
@@ -157,12 +194,21 @@ async def record_outcome(
     final = state in FINAL_RECIPIENT_STATES
     result = await session.execute(
         update(Recipient)
-        .where(Recipient.id == recipient_id, Recipient.lease_owner == owner,
-               Recipient.state.in_(DUE_RECIPIENT_STATES))
+        .where(
+            Recipient.id == recipient_id,
+            Recipient.lease_owner == owner,
+            Recipient.state.in_(DUE_RECIPIENT_STATES),
+        )
         .values(
-            state=state, last_code=code, last_response=response[:1000], updated_at=now,
-            attempts=Recipient.attempts + 1, next_attempt_at=next_attempt_at,
-            lease_owner=None, lease_expires_at=None, finished_at=now if final else None,
+            state=state,
+            last_code=code,
+            last_response=response[:1000],
+            updated_at=now,
+            attempts=Recipient.attempts + 1,
+            next_attempt_at=next_attempt_at,
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=now if final else None,
         )
     )
     return bool(getattr(result, "rowcount", 0))
@@ -174,17 +220,23 @@ async def finish_messages(
     """Move queued messages whose recipients are all final to delivered or bounced."""
     finished = []
     for message_id in set(message_ids):
-        counts = dict((await session.execute(
-            select(Recipient.state, func.count()).where(Recipient.message_id == message_id)
-            .group_by(Recipient.state)
-        )).all())
+        counts = dict(
+            (
+                await session.execute(
+                    select(Recipient.state, func.count())
+                    .where(Recipient.message_id == message_id)
+                    .group_by(Recipient.state)
+                )
+            ).all()
+        )
         if any(state not in FINAL_RECIPIENT_STATES for state in counts):
             continue
         message = await session.get(Message, message_id)
         if message is None or message.state is not MessageState.QUEUED:
             continue
-        target = (MessageState.DELIVERED if counts.get(RecipientState.DELIVERED)
-                  else MessageState.BOUNCED)
+        target = (
+            MessageState.DELIVERED if counts.get(RecipientState.DELIVERED) else MessageState.BOUNCED
+        )
         message.state = check_message(message.state, target)
         message.updated_at = message.finished_at = now
         finished.append((message_id, target))
@@ -194,7 +246,8 @@ async def finish_messages(
 async def return_leases(session: AsyncSession, owner: str) -> int:
     """Give back everything this worker holds, so another instance need not wait."""
     result = await session.execute(
-        update(Recipient).where(Recipient.lease_owner == owner)
+        update(Recipient)
+        .where(Recipient.lease_owner == owner)
         .values(lease_owner=None, lease_expires_at=None)
     )
     return int(getattr(result, "rowcount", 0))
@@ -219,15 +272,15 @@ async def due_delays(session: AsyncSession, now: datetime, limit: int = 100) -> 
     rows = await session.scalars(
         select(Message.id)
         .where(and_(Message.state == MessageState.DELAYED, Message.release_at <= now))
-        .order_by(Message.release_at).limit(limit)
+        .order_by(Message.release_at)
+        .limit(limit)
     )
     return list(rows.all())
 
 
 async def next_due_at(session: AsyncSession) -> datetime | None:
     return await session.scalar(
-        select(func.min(Recipient.next_attempt_at))
-        .where(Recipient.state.in_(DUE_RECIPIENT_STATES))
+        select(func.min(Recipient.next_attempt_at)).where(Recipient.state.in_(DUE_RECIPIENT_STATES))
     )
 
 

@@ -42,8 +42,9 @@ class Upstream:
     data_reply: Callable[[], str | None] = lambda: None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.rcpt_reply(address)
         if reply:
             return reply
@@ -55,8 +56,9 @@ class Upstream:
         if reply:
             return reply
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
-        self.received.append(Received(sender, list(envelope.rcpt_tos),
-                                      bytes(envelope.original_content or b"")))
+        self.received.append(
+            Received(sender, list(envelope.rcpt_tos), bytes(envelope.original_content or b""))
+        )
         self.arrived.set()
         return "250 2.0.0 Ok: upstream queued"
 
@@ -65,6 +67,7 @@ class Upstream:
             while sum(len(r.rcpt_tos) for r in self.received) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
+
         await asyncio.wait_for(enough(), timeout)
         return self.received
 
@@ -85,7 +88,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: UpstreamSMTP(up, hostname="upstream.test", decode_data=False, enable_SMTPUTF8=True),
-        "127.0.0.1", 0)
+        "127.0.0.1",
+        0,
+    )
     up.port = server.sockets[0].getsockname()[1]
     yield up
     server.close()
@@ -94,10 +99,15 @@ async def upstream() -> AsyncIterator[Upstream]:
 async def _create_pg_database() -> tuple[str, str]:
     import asyncpg
     from sqlalchemy.engine import make_url
+
     base = make_url(PG_URL or "")
     name = f"sekisho_t_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(host=base.host or "127.0.0.1", port=base.port or 5432,
-                                 user=base.username or "postgres", database=base.database or "test")
+    conn = await asyncpg.connect(
+        host=base.host or "127.0.0.1",
+        port=base.port or 5432,
+        user=base.username or "postgres",
+        database=base.database or "test",
+    )
     await conn.execute(f'CREATE DATABASE "{name}"')
     await conn.close()
     return base.set(database=name).render_as_string(hide_password=False), name
@@ -106,9 +116,14 @@ async def _create_pg_database() -> tuple[str, str]:
 async def _drop_pg_database(name: str) -> None:
     import asyncpg
     from sqlalchemy.engine import make_url
+
     base = make_url(PG_URL or "")
-    conn = await asyncpg.connect(host=base.host or "127.0.0.1", port=base.port or 5432,
-                                 user=base.username or "postgres", database=base.database or "test")
+    conn = await asyncpg.connect(
+        host=base.host or "127.0.0.1",
+        port=base.port or 5432,
+        user=base.username or "postgres",
+        database=base.database or "test",
+    )
     await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await conn.close()
 
@@ -130,15 +145,26 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'sekisho.db'}"
 
 
-def gateway_config(tmp_path: Path, store_url: str, upstream_port: int | None,
-                   **sections: dict[str, Any]) -> Config:
+def gateway_config(
+    tmp_path: Path, store_url: str, upstream_port: int | None, **sections: dict[str, Any]
+) -> Config:
     data: dict[str, Any] = {
-        "smtp": {"listen": "127.0.0.1:0", "hostname": "gw.test",
-                 "trusted_networks": ["127.0.0.1/32"], "idle_timeout": "30s"},
-        "delivery": {"upstream": f"smtp://127.0.0.1:{upstream_port}" if upstream_port
-                     else f"maildir:{tmp_path / 'outbox'}",
-                     "starttls": "off", "poll_interval": "50ms", "retry_initial": "200ms",
-                     "retry_max": "1s", "timeout": "10s"},
+        "smtp": {
+            "listen": "127.0.0.1:0",
+            "hostname": "gw.test",
+            "trusted_networks": ["127.0.0.1/32"],
+            "idle_timeout": "30s",
+        },
+        "delivery": {
+            "upstream": f"smtp://127.0.0.1:{upstream_port}"
+            if upstream_port
+            else f"maildir:{tmp_path / 'outbox'}",
+            "starttls": "off",
+            "poll_interval": "50ms",
+            "retry_initial": "200ms",
+            "retry_max": "1s",
+            "timeout": "10s",
+        },
         "store": {"url": store_url},
         "admin": {"listen": "127.0.0.1:0"},
         "audit": {"path": str(tmp_path / "audit.log")},
@@ -170,7 +196,9 @@ def iso2022jp_message(sender: str = "alice@example.com", to: str = "bob@client.e
         f"Subject: {subject}\r\n"
         "Date: Mon, 23 Nov 2026 10:00:00 +0900\r\n"
         "Message-ID: <20261123100000.1234@example.com>\r\n"
-        "X-Long-Header: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbb\r\n"
+        "X-Long-Header: "  # long enough that a re-folding parser would fold it
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbb\r\n"
         "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=ISO-2022-JP\r\n"
         "Content-Transfer-Encoding: 7bit\r\n"

@@ -12,8 +12,13 @@ SHIPPED = Path(__file__).resolve().parent.parent / "gateway.toml"
 
 
 def sekisho(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+    )
 
 
 def test_shipped_config_is_valid() -> None:
@@ -22,19 +27,32 @@ def test_shipped_config_is_valid() -> None:
     assert result.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (('upstream = "maildir:var/outbox"', 'upstream = "smpt://mail.example:25"'),
-     "delivery.upstream: unknown scheme 'smpt'"),
-    (('max_message_size = "50MiB"', 'max_message_size = "fifty"'),
-     "smtp.max_message_size: not a size"),
-    (('listen = "127.0.0.1:10025"', 'lisen = "127.0.0.1:10025"'),
-     "smtp.lisen: unknown key (did you mean 'listen'?)"),
-    (('auth = "optional"', 'auth = "sometimes"'), "smtp.auth:"),
-    (('bounce_after = "5d"', 'bounce_after = "5 days"'), "delivery.bounce_after: not a duration"),
-    (('[organization]', '[organization]\nbogus = 1'), "organization.bogus: unknown key"),
-])
-def test_broken_config_names_the_key_and_exits_1(tmp_path: Path, edit: tuple[str, str],
-                                                 expected: str) -> None:
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            ('upstream = "maildir:var/outbox"', 'upstream = "smpt://mail.example:25"'),
+            "delivery.upstream: unknown scheme 'smpt'",
+        ),
+        (
+            ('max_message_size = "50MiB"', 'max_message_size = "fifty"'),
+            "smtp.max_message_size: not a size",
+        ),
+        (
+            ('listen = "127.0.0.1:10025"', 'lisen = "127.0.0.1:10025"'),
+            "smtp.lisen: unknown key (did you mean 'listen'?)",
+        ),
+        (('auth = "optional"', 'auth = "sometimes"'), "smtp.auth:"),
+        (
+            ('bounce_after = "5d"', 'bounce_after = "5 days"'),
+            "delivery.bounce_after: not a duration",
+        ),
+        (("[organization]", "[organization]\nbogus = 1"), "organization.bogus: unknown key"),
+    ],
+)
+def test_broken_config_names_the_key_and_exits_1(
+    tmp_path: Path, edit: tuple[str, str], expected: str
+) -> None:
     text = SHIPPED.read_text(encoding="utf-8")
     assert edit[0] in text
     config = tmp_path / "gateway.toml"
@@ -69,14 +87,27 @@ def test_secret_from_missing_environment_variable_is_an_error(tmp_path: Path) ->
     config.write_text('[delivery]\nusername = "gw"\npassword = "env:SEKISHO_TEST_UNSET_VAR"\n')
     result = sekisho("check-config", "--config", str(config))
     assert result.returncode == 1
-    assert "delivery.password: environment variable SEKISHO_TEST_UNSET_VAR is not set" in result.stderr
+    assert (
+        "delivery.password: environment variable SEKISHO_TEST_UNSET_VAR is not set" in result.stderr
+    )
 
 
 def test_every_command_has_help() -> None:
-    for command in (["serve"], ["check-config"], ["migrate"], ["policy", "test"],
-                    ["users", "add"], ["users", "list"], ["users", "remove"], ["users", "passwd"],
-                    ["tokens", "create"], ["tokens", "list"], ["tokens", "revoke"],
-                    ["audit", "verify"], ["tls", "self-signed"]):
+    for command in (
+        ["serve"],
+        ["check-config"],
+        ["migrate"],
+        ["policy", "test"],
+        ["users", "add"],
+        ["users", "list"],
+        ["users", "remove"],
+        ["users", "passwd"],
+        ["tokens", "create"],
+        ["tokens", "list"],
+        ["tokens", "revoke"],
+        ["audit", "verify"],
+        ["tls", "self-signed"],
+    ):
         result = sekisho(*command, "--help")
         assert result.returncode == 0, command
         assert "usage: sekisho" in result.stdout
@@ -86,16 +117,46 @@ def test_users_add_and_list_through_the_cli(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/s.db"\n')
     added = subprocess.run(
-        [sys.executable, "-m", "gateway", "users", "add", "alice", "--config", str(config),
-         "--email", "alice@example.com", "--group", "sales"],
-        input="correct horse battery\n", capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "users",
+            "add",
+            "alice",
+            "--config",
+            str(config),
+            "--email",
+            "alice@example.com",
+            "--group",
+            "sales",
+        ],
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert added.returncode == 0, added.stderr
     listed = sekisho("users", "list", "--config", str(config))
     assert "alice" in listed.stdout and "alice@example.com" in listed.stdout
     again = subprocess.run(
-        [sys.executable, "-m", "gateway", "users", "add", "alice", "--config", str(config),
-         "--email", "a2@example.com"], input="correct horse battery\n",
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "users",
+            "add",
+            "alice",
+            "--config",
+            str(config),
+            "--email",
+            "a2@example.com",
+        ],
+        input="correct horse battery\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode != 0 and "already exists" in again.stderr
     token = sekisho("tokens", "create", "alice", "--config", str(config))
     assert token.returncode == 0 and token.stdout.startswith("skt_")

@@ -55,7 +55,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("SEKISHO_TEST_PG_URL")
-PG_SKIP = "PostgreSQL run needs SEKISHO_TEST_PG_URL (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+PG_SKIP = (
+    "PostgreSQL run needs SEKISHO_TEST_PG_URL (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+)
 
 MESSAGES = 500
 CLIENTS = 10
@@ -111,8 +113,8 @@ def running_upstream() -> Iterator[CountingUpstream]:
 
     async def start() -> None:
         server = await loop.create_server(
-            lambda: SMTP(upstream, hostname="upstream.test", decode_data=False),
-            "127.0.0.1", 0)
+            lambda: SMTP(upstream, hostname="upstream.test", decode_data=False), "127.0.0.1", 0
+        )
         upstream.port = server.sockets[0].getsockname()[1]
         servers.append(server)
 
@@ -166,8 +168,15 @@ def query(store_url: str, sql: str) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in _pg(sql, store_url)]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[
-    pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason=PG_SKIP)])])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=[pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason=PG_SKIP)],
+        ),
+    ]
+)
 def crash_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'sekisho.db'}"
@@ -202,7 +211,10 @@ class GatewayProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -274,7 +286,7 @@ url = "{store_url}"
 listen = "127.0.0.1:{http_port}"
 
 [audit]
-path = "{tmp_path / 'audit.log'}"
+path = "{tmp_path / "audit.log"}"
 
 [organization]
 domains = ["example.com"]
@@ -301,10 +313,13 @@ class Tally:
 
 
 def message(seq: int, attempt: int, rcpt: str) -> bytes:
-    return (f"From: app@example.com\r\nTo: {rcpt}\r\nSubject: crash safety {seq}\r\n"
-            f"Message-ID: <crash-{seq}-{attempt}@example.com>\r\n"
-            f"X-Test-Seq: {seq}\r\nX-Test-Attempt: {attempt}\r\n\r\n"
-            + f"Message {seq}, attempt {attempt}.\r\n" * 20).encode()
+    return (
+        f"From: app@example.com\r\nTo: {rcpt}\r\nSubject: crash safety {seq}\r\n"
+        f"Message-ID: <crash-{seq}-{attempt}@example.com>\r\n"
+        f"X-Test-Seq: {seq}\r\nX-Test-Attempt: {attempt}\r\n\r\n"
+        + f"Message {seq}, attempt {attempt}.\r\n"
+        * 20
+    ).encode()
 
 
 def recipients(seq: int) -> list[str]:
@@ -416,15 +431,20 @@ def wait_until(condition: Any, timeout: float, step: float = 0.05) -> bool:
 
 def leased_at_kill(store_url: str) -> set[Key]:
     """Recipients still due and under a lease: those the dead instance had claimed."""
-    rows = query(store_url, """
+    rows = query(
+        store_url,
+        """
         SELECT r.address, b.raw FROM recipients r JOIN bodies b ON b.message_id = r.message_id
-        WHERE r.lease_owner IS NOT NULL AND r.state IN ('queued', 'deferred')""")
+        WHERE r.lease_owner IS NOT NULL AND r.state IN ('queued', 'deferred')""",
+    )
     return {(*_marks(bytes(raw)), address) for address, raw in rows}
 
 
 def unfinished(store_url: str) -> int:
-    rows = query(store_url, "SELECT count(*) FROM recipients "
-                            "WHERE state NOT IN ('delivered', 'bounced', 'cancelled')")
+    rows = query(
+        store_url,
+        "SELECT count(*) FROM recipients WHERE state NOT IN ('delivered', 'bounced', 'cancelled')",
+    )
     return int(rows[0][0])
 
 
@@ -464,7 +484,8 @@ def run_scenario(gateway: GatewayProcess, upstream: CountingUpstream, store_url:
         client.start()
 
     assert wait_until(lambda: tally.accepted() >= KILL_AFTER, 20), (
-        f"only {tally.accepted()} accepted before the kill was due:\n{gateway.tail()}")
+        f"only {tally.accepted()} accepted before the kill was due:\n{gateway.tail()}"
+    )
     gateway.kill()
     accepted_at_kill = tally.accepted()
     delivered_at_kill = sum(upstream.snapshot().values())
@@ -477,28 +498,38 @@ def run_scenario(gateway: GatewayProcess, upstream: CountingUpstream, store_url:
     wait_until(lambda: unfinished(store_url) == 0, max(0.0, deadline - time.monotonic()), 0.2)
     # Whatever is still being recorded settles before counting: nothing is due any more.
     time.sleep(0.3)
-    return Figures(tally, upstream.snapshot(), leased, accepted_at_kill, delivered_at_kill,
-                   unfinished(store_url))
+    return Figures(
+        tally,
+        upstream.snapshot(),
+        leased,
+        accepted_at_kill,
+        delivered_at_kill,
+        unfinished(store_url),
+    )
 
 
 def check(f: Figures) -> None:
     tally = f.tally
-    acknowledged = {(seq, attempt, rcpt) for (seq, attempt) in tally.queued
-                    for rcpt in recipients(seq)}
+    acknowledged = {
+        (seq, attempt, rcpt) for (seq, attempt) in tally.queued for rcpt in recipients(seq)
+    }
     lost = sorted(acknowledged - set(f.received))
-    unexpected = sorted(k for k in f.received if not (0 <= k[0] < MESSAGES
-                                                      and k[2] in recipients(k[0])))
+    unexpected = sorted(
+        k for k in f.received if not (0 <= k[0] < MESSAGES and k[2] in recipients(k[0]))
+    )
     delivery_dups = {key: n - 1 for key, n in f.received.items() if n > 1}
     seqs_delivered: dict[int, set[int]] = {}
     for seq, attempt, _rcpt in f.received:
         seqs_delivered.setdefault(seq, set()).add(attempt)
     intake_dups = sum(len(attempts) - 1 for attempts in seqs_delivered.values())
-    print(f"\ncrash safety: sent={MESSAGES} attempts={tally.attempts} "
-          f"failed_attempts={tally.failed_attempts} 250'd={len(tally.queued)} "
-          f"(at kill {f.accepted_at_kill}, delivered then {f.delivered_at_kill}, "
-          f"leased then {len(f.leased)}) delivered={len(f.received)} "
-          f"sends={sum(f.received.values())} delivery_duplicates={sum(delivery_dups.values())} "
-          f"intake_duplicates={intake_dups} lost={len(lost)} unfinished={f.unfinished_after}")
+    print(
+        f"\ncrash safety: sent={MESSAGES} attempts={tally.attempts} "
+        f"failed_attempts={tally.failed_attempts} 250'd={len(tally.queued)} "
+        f"(at kill {f.accepted_at_kill}, delivered then {f.delivered_at_kill}, "
+        f"leased then {len(f.leased)}) delivered={len(f.received)} "
+        f"sends={sum(f.received.values())} delivery_duplicates={sum(delivery_dups.values())} "
+        f"intake_duplicates={intake_dups} lost={len(lost)} unfinished={f.unfinished_after}"
+    )
 
     assert not tally.errors, tally.errors
     assert not tally.refused, f"the gateway refused messages: {tally.refused[:5]}"
@@ -518,10 +549,17 @@ def check_audit(gateway: GatewayProcess, tally: Tally) -> None:
     (it is written and flushed before the reply)."""
     verify = subprocess.run(
         [sys.executable, "-m", "gateway", "audit", "verify", "--config", str(gateway.config)],
-        capture_output=True, text=True, timeout=30, check=False)
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     lines = gateway.config.with_name("audit.log").read_text().splitlines()
-    accepted = {entry.get("id") for entry in map(json.loads, lines)
-                if entry.get("event") == "message.accepted"}
+    accepted = {
+        entry.get("id")
+        for entry in map(json.loads, lines)
+        if entry.get("event") == "message.accepted"
+    }
     missing = sorted(set(tally.queued.values()) - accepted)
     assert not missing, f"accepted without an audit line: {missing[:10]}"

@@ -31,10 +31,14 @@ async def test_serve_refuses_a_database_that_is_not_ours(tmp_path: Path, sqlite_
 
 async def test_reload_with_errors_keeps_the_running_rules(tmp_path: Path, sqlite_url: str) -> None:
     config_file = tmp_path / "gateway.toml"
-    good = ('[[rules]]\nname = "hold-all"\nwhen.has_attachments = false\naction = "hold"\n')
+    good = '[[rules]]\nname = "hold-all"\nwhen.has_attachments = false\naction = "hold"\n'
     config_file.write_text(good)
-    config = gateway_config(tmp_path, sqlite_url, None, rules=[
-        {"name": "hold-all", "when": {"has_attachments": False}, "action": "hold"}])
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        None,
+        rules=[{"name": "hold-all", "when": {"has_attachments": False}, "action": "hold"}],
+    )
     async with running(config) as gw:
         before = gw.policy.current()
         config_file.write_text(good.replace("has_attachments", "has_attachmnets"))
@@ -43,7 +47,8 @@ async def test_reload_with_errors_keeps_the_running_rules(tmp_path: Path, sqlite
         config_file.write_text(good.replace('"hold"', '"delay"\ndelay = "1m"'))
         assert gw.reload(config_file) is True
         assert gw.policy.current() is not before
-    events = [json.loads(l)["event"] for l in Path(config.audit.path).read_text().splitlines()]
+    log = Path(config.audit.path).read_text().splitlines()
+    events = [json.loads(line)["event"] for line in log]
     assert events.count("config.reload_failed") == 1 and events.count("config.reloaded") == 1
 
 
@@ -59,9 +64,14 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     config.write_text(
         f'[smtp]\nlisten = "127.0.0.1:{smtp}"\ntrusted_networks = ["127.0.0.1/32"]\n'
         f'[admin]\nlisten = "127.0.0.1:{http}"\n[store]\nurl = "sqlite:///{tmp_path}/s.db"\n'
-        f'[audit]\npath = "{tmp_path}/audit.log"\n[delivery]\nupstream = "maildir:{tmp_path}/out"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        f'[audit]\npath = "{tmp_path}/audit.log"\n[delivery]\nupstream = "maildir:{tmp_path}/out"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -73,6 +83,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
                 time.sleep(0.1)
         # a session that is open when SIGTERM arrives may still finish its message
         import smtplib
+
         client = smtplib.SMTP("127.0.0.1", smtp, timeout=10)
         client.ehlo("t")
         client.mail("alice@example.com")
@@ -86,6 +97,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
         proc.kill()
     assert code == 250 and b"queued as" in reply
     assert proc.returncode == 0, output
-    events = [json.loads(l)["event"] for l in (tmp_path / "audit.log").read_text().splitlines()]
+    log = (tmp_path / "audit.log").read_text().splitlines()
+    events = [json.loads(line)["event"] for line in log]
     assert events[-1] == "gateway.stopped"
     assert "message.accepted" in events

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import smtplib
 from pathlib import Path
 
@@ -18,15 +19,23 @@ MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
 async def _add_user(gw: object, name: str, password: str, emails: list[str]) -> None:
     from datetime import UTC, datetime
+
     async with gw.store.transaction() as session:  # type: ignore[attr-defined]
-        await accounts.add_user(session, name=name, password_hash=hash_password(password),
-                                role=accounts.Role.SENDER, emails=emails, groups=["sales"],
-                                now=datetime.now(UTC))
+        await accounts.add_user(
+            session,
+            name=name,
+            password_hash=hash_password(password),
+            role=accounts.Role.SENDER,
+            emails=emails,
+            groups=["sales"],
+            now=datetime.now(UTC),
+        )
     await gw.credentials.refresh()  # type: ignore[attr-defined]
 
 
 async def test_unauthenticated_relay_from_an_untrusted_address_is_refused(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     # Loopback is not in trusted_networks here, so the client counts as untrusted.
     config = gateway_config(tmp_path, sqlite_url, upstream.port, smtp={"trusted_networks": []})
     async with running(config) as gw:
@@ -41,9 +50,11 @@ async def test_unauthenticated_relay_from_an_untrusted_address_is_refused(
 
 
 async def test_auth_off_refuses_clients_outside_trusted_networks(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
-    config = gateway_config(tmp_path, sqlite_url, upstream.port,
-                            smtp={"trusted_networks": [], "auth": "off"})
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path, sqlite_url, upstream.port, smtp={"trusted_networks": [], "auth": "off"}
+    )
     async with running(config) as gw:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
         await client.connect()
@@ -55,9 +66,11 @@ async def test_auth_off_refuses_clients_outside_trusted_networks(
 
 
 async def test_authenticated_user_may_send_only_as_their_own_addresses(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
-    config = gateway_config(tmp_path, sqlite_url, upstream.port,
-                            smtp={"trusted_networks": [], "auth": "required"})
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path, sqlite_url, upstream.port, smtp={"trusted_networks": [], "auth": "required"}
+    )
     async with running(config) as gw:
         await _add_user(gw, "alice", "correct horse", ["alice@example.com"])
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
@@ -77,7 +90,8 @@ async def test_authenticated_user_may_send_only_as_their_own_addresses(
 
 
 async def test_wrong_password_is_refused_audited_and_slowed(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port, smtp={"auth": "required"})
     async with running(config) as gw:
         await _add_user(gw, "alice", "correct horse", ["alice@example.com"])
@@ -105,7 +119,8 @@ async def test_wrong_password_is_refused_audited_and_slowed(
 
 
 async def test_password_check_does_not_block_other_sessions(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port)
     async with running(config) as gw:
         await _add_user(gw, "alice", "correct horse", ["alice@example.com"])
@@ -125,17 +140,20 @@ async def test_password_check_does_not_block_other_sessions(
         # one argon2 check on this thread, to compare with: what the loop would have
         # stalled for had the check run on it
         from gateway.credentials import _DUMMY_HASH, _verify
+
         started = loop.time()
         _verify(_DUMMY_HASH, "x")
         one_hash = loop.time() - started
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert max(gaps) - 0.005 < one_hash * 0.5, (max(gaps), one_hash)
 
 
 async def test_recipient_cap_answers_452_and_size_limit_552(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
-    config = gateway_config(tmp_path, sqlite_url, upstream.port,
-                            smtp={"max_recipients": 3, "max_message_size": "10KiB"})
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path, sqlite_url, upstream.port, smtp={"max_recipients": 3, "max_message_size": "10KiB"}
+    )
     async with running(config) as gw:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
         await client.connect()
@@ -154,7 +172,9 @@ async def test_recipient_cap_answers_452_and_size_limit_552(
     assert too_big.value.code == 552
 
 
-async def test_connection_cap_answers_421(tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+async def test_connection_cap_answers_421(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port, smtp={"max_connections": 2})
     async with running(config) as gw:
         held = [await asyncio.open_connection("127.0.0.1", gw.smtp_port) for _ in range(2)]
@@ -168,7 +188,9 @@ async def test_connection_cap_answers_421(tmp_path: Path, sqlite_url: str, upstr
     assert line.startswith(b"421 4.3.2")
 
 
-async def test_too_many_errors_closes_the_session(tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+async def test_too_many_errors_closes_the_session(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port, smtp={"max_errors": 3})
     async with running(config) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp_port)

@@ -17,16 +17,28 @@ from tests.conftest import Upstream, gateway_config, running
 from tests.policies.messages import plain, simple
 
 CLIENTS = [
-    {"name": "acme", "domains": ["acme.example"], "markers": ["ACME", "アクメ"],
-     "zip_password": "acme-pass-1234"},
+    {
+        "name": "acme",
+        "domains": ["acme.example"],
+        "markers": ["ACME", "アクメ"],
+        "zip_password": "acme-pass-1234",
+    },
     {"name": "globex", "domains": ["globex.example"], "markers": ["GLOBEX"]},
 ]
 RULES = [
-    {"name": "wrong-client-attachment", "when": {"attachment_client_mismatch": True},
-     "action": "refuse",
-     "reason": "添付ファイルが宛先と異なる取引先のものです / attachment belongs to another client"},
-    {"name": "personal-data", "when": {"pii": ["my_number", "credit_card"], "pii_min": 1},
-     "action": "hold", "approvers": ["group:compliance"]},
+    {
+        "name": "wrong-client-attachment",
+        "when": {"attachment_client_mismatch": True},
+        "action": "refuse",
+        "reason": "添付ファイルが宛先と異なる取引先のものです"
+        " / attachment belongs to another client",
+    },
+    {
+        "name": "personal-data",
+        "when": {"pii": ["my_number", "credit_card"], "pii_min": 1},
+        "action": "hold",
+        "approvers": ["group:compliance"],
+    },
 ]
 
 
@@ -35,9 +47,13 @@ def _config(tmp_path: Path, url: str, port: int) -> object:
 
 
 async def test_attachment_for_other_client_is_refused_with_the_rule_name(
-        tmp_path: Path, store_url: str, upstream: Upstream) -> None:
-    raw = simple("見積書です", [("ACME_見積書.csv", b"item,price\r\nwidget,100\r\n", "text/csv")],
-                 to="buyer@globex.example")
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
+    raw = simple(
+        "見積書です",
+        [("ACME_見積書.csv", b"item,price\r\nwidget,100\r\n", "text/csv")],
+        to="buyer@globex.example",
+    )
     async with running(_config(tmp_path, store_url, upstream.port)) as gw:  # type: ignore[arg-type]
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
         await client.connect()
@@ -47,7 +63,9 @@ async def test_attachment_for_other_client_is_refused_with_the_rule_name(
         async with gw.store.read() as session:
             stored = (await session.scalars(select(Message))).all()
     assert refused.value.code == 550
-    assert refused.value.message.startswith("5.7.1 wrong-client-attachment: attachment belongs to another client")
+    assert refused.value.message.startswith(
+        "5.7.1 wrong-client-attachment: attachment belongs to another client"
+    )
     assert stored == []  # nothing stored but the audit event
     events = [json.loads(line) for line in Path(gw.config.audit.path).read_text().splitlines()]
     refusal = [e for e in events if e["event"] == "message.refused"]
@@ -56,20 +74,30 @@ async def test_attachment_for_other_client_is_refused_with_the_rule_name(
 
 
 async def test_personal_data_is_held_and_a_clean_message_is_delivered(
-        tmp_path: Path, store_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
     card = "4111 1111 1111 1111"
     held = plain(f"カード番号: {card}\r\n", to="buyer@acme.example")
     clean = plain("いつもお世話になっております。\r\n", to="buyer@acme.example")
     async with running(_config(tmp_path, store_url, upstream.port)) as gw:  # type: ignore[arg-type]
         for raw in (held, clean):
-            await aiosmtplib.send(raw, sender="alice@example.com", recipients=["buyer@acme.example"],
-                                  hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+            await aiosmtplib.send(
+                raw,
+                sender="alice@example.com",
+                recipients=["buyer@acme.example"],
+                hostname="127.0.0.1",
+                port=gw.smtp_port,
+                start_tls=False,
+            )
         await upstream.wait_for(1)
         await asyncio.sleep(0.3)
         async with gw.store.read() as session:
             messages = {m.state: m for m in (await session.scalars(select(Message))).all()}
-            waiting = (await session.scalars(
-                select(Recipient).where(Recipient.message_id == messages["held"].id))).all()
+            waiting = (
+                await session.scalars(
+                    select(Recipient).where(Recipient.message_id == messages["held"].id)
+                )
+            ).all()
     assert set(messages) == {"held", "delivered"}
     assert messages["held"].rule == "personal-data"
     assert messages["held"].verdict["approvers"] == ["group:compliance"]
@@ -87,13 +115,30 @@ def test_policy_test_command_prints_the_verdict_and_trace(tmp_path: Path) -> Non
         '[[clients]]\nname = "acme"\ndomains = ["acme.example"]\nmarkers = ["ACME"]\n'
         '[[clients]]\nname = "globex"\ndomains = ["globex.example"]\nmarkers = ["GLOBEX"]\n'
         '[[rules]]\nname = "wrong-client-attachment"\nwhen.attachment_client_mismatch = true\n'
-        'action = "refuse"\nreason = "attachment belongs to another client"\n', encoding="utf-8")
+        'action = "refuse"\nreason = "attachment belongs to another client"\n',
+        encoding="utf-8",
+    )
     eml = tmp_path / "m.eml"
     eml.write_bytes(simple("hi", [("ACME_report.csv", b"a,b\r\n", "text/csv")]))
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "policy", "test", str(eml), "--config", str(config),
-         "--from", "alice@example.com", "--to", "x@globex.example", "--json"],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "policy",
+            "test",
+            str(eml),
+            "--config",
+            str(config),
+            "--from",
+            "alice@example.com",
+            "--to",
+            "x@globex.example",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["verdict"]["action"] == "refuse"

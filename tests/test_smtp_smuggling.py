@@ -19,8 +19,10 @@ SMUGGLED = (
 async def _raw_session(port: int, payload: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     await reader.readline()
-    writer.write(b"EHLO attacker.test\r\nMAIL FROM:<alice@example.com>\r\n"
-                 b"RCPT TO:<bob@client.example>\r\nDATA\r\n")
+    writer.write(
+        b"EHLO attacker.test\r\nMAIL FROM:<alice@example.com>\r\n"
+        b"RCPT TO:<bob@client.example>\r\nDATA\r\n"
+    )
     await writer.drain()
     writer.write(payload + b"\r\n.\r\nQUIT\r\n")
     await writer.drain()
@@ -29,11 +31,21 @@ async def _raw_session(port: int, payload: bytes) -> bytes:
     return transcript
 
 
-@pytest.mark.parametrize("separator", [
-    b"\n.\r\n", b"\r.\r\n", b"\n.\n", b"\r\n.\n", b"\r\n.\r", b"\n.\r",
-], ids=["LF.CRLF", "CR.CRLF", "LF.LF", "CRLF.LF", "CRLF.CR", "LF.CR"])
+@pytest.mark.parametrize(
+    "separator",
+    [
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\n.\n",
+        b"\r\n.\n",
+        b"\r\n.\r",
+        b"\n.\r",
+    ],
+    ids=["LF.CRLF", "CR.CRLF", "LF.LF", "CRLF.LF", "CRLF.CR", "LF.CR"],
+)
 async def test_smtp_smuggling_never_makes_two_messages(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream, separator: bytes) -> None:
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, separator: bytes
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port)
     payload = b"From: alice@example.com\r\nSubject: hello\r\n\r\nfirst part" + separator + SMUGGLED
     async with running(config) as gw:
@@ -52,7 +64,8 @@ async def test_smtp_smuggling_never_makes_two_messages(
 
 
 async def test_bare_newlines_are_refused_when_configured(
-        tmp_path: Path, sqlite_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
     config = gateway_config(tmp_path, sqlite_url, upstream.port, smtp={"bare_newline": "reject"})
     async with running(config) as gw:
         transcript = await _raw_session(gw.smtp_port, b"Subject: x\r\n\r\nline\n.\r\n" + SMUGGLED)

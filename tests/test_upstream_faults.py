@@ -8,22 +8,29 @@ from email import policy
 from pathlib import Path
 
 import aiosmtplib
+from sqlalchemy import select
 
 from quarantine.models import Recipient
-from sqlalchemy import select
 from tests.conftest import Upstream, gateway_config, running
 
 MESSAGE = b"From: alice@example.com\r\nTo: x@client.example\r\nSubject: report\r\n\r\nbody\r\n"
 
 
 async def test_upstream_451_is_retried_and_delivered_once_it_answers_250(
-        tmp_path: Path, store_url: str, upstream: Upstream) -> None:
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
     answers = ["451 4.3.0 try later", "451 4.3.0 try later"]
     upstream.data_reply = lambda: answers.pop(0) if answers else None
     config = gateway_config(tmp_path, store_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(MESSAGE, sender="alice@example.com", recipients=["x@client.example"],
-                              hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await aiosmtplib.send(
+            MESSAGE,
+            sender="alice@example.com",
+            recipients=["x@client.example"],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
+            start_tls=False,
+        )
         received = await upstream.wait_for(1, timeout=15)
         for _ in range(100):  # the outcome is committed just after the upstream's 250
             async with gw.store.read() as session:
@@ -40,13 +47,21 @@ async def test_upstream_451_is_retried_and_delivered_once_it_answers_250(
 
 
 async def test_upstream_550_for_one_of_two_recipients_sends_a_dsn_and_delivers_the_other(
-        tmp_path: Path, store_url: str, upstream: Upstream) -> None:
-    upstream.rcpt_reply = lambda a: "550 5.1.1 <gone@client.example>: no such user" if a.startswith("gone@") else None
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
+    upstream.rcpt_reply = lambda a: (
+        "550 5.1.1 <gone@client.example>: no such user" if a.startswith("gone@") else None
+    )
     config = gateway_config(tmp_path, store_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(MESSAGE, sender="alice@example.com",
-                              recipients=["ok@client.example", "gone@client.example"],
-                              hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await aiosmtplib.send(
+            MESSAGE,
+            sender="alice@example.com",
+            recipients=["ok@client.example", "gone@client.example"],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
+            start_tls=False,
+        )
         received = await upstream.wait_for(2, timeout=10)
     original = [r for r in received if r.mail_from == "alice@example.com"]
     bounces = [r for r in received if r.mail_from == ""]
@@ -55,7 +70,7 @@ async def test_upstream_550_for_one_of_two_recipients_sends_a_dsn_and_delivers_t
     dsn = email.message_from_bytes(bounces[0].data, policy=policy.default)
     assert dsn.get_content_type() == "multipart/report"
     assert dsn.get_param("report-type") == "delivery-status"
-    status = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0]
+    status = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
     text = status.as_string()
     assert "Final-Recipient: rfc822; gone@client.example" in text
     assert "Status: 5.1.1" in text and "ok@client.example" not in text
@@ -66,8 +81,14 @@ async def test_a_bounce_never_bounces(tmp_path: Path, sqlite_url: str, upstream:
     upstream.rcpt_reply = lambda a: "550 5.1.1 no such user"
     config = gateway_config(tmp_path, sqlite_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(MESSAGE, sender="alice@example.com", recipients=["x@client.example"],
-                              hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await aiosmtplib.send(
+            MESSAGE,
+            sender="alice@example.com",
+            recipients=["x@client.example"],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
+            start_tls=False,
+        )
         for _ in range(100):
             await asyncio.sleep(0.05)
             async with gw.store.read() as session:
@@ -79,20 +100,30 @@ async def test_a_bounce_never_bounces(tmp_path: Path, sqlite_url: str, upstream:
             rows = (await session.scalars(select(Recipient))).all()
     # the original recipient and the DSN to alice both bounced; no third message appeared
     assert sorted((r.address, r.state) for r in rows) == [
-        ("alice@example.com", "bounced"), ("x@client.example", "bounced")]
+        ("alice@example.com", "bounced"),
+        ("x@client.example", "bounced"),
+    ]
     assert upstream.received == []
 
 
 async def test_upstream_refusing_connections_defers_without_bouncing(
-        tmp_path: Path, sqlite_url: str) -> None:
+    tmp_path: Path, sqlite_url: str
+) -> None:
     import socket
+
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
     config = gateway_config(tmp_path, sqlite_url, dead_port)
     async with running(config) as gw:
-        await aiosmtplib.send(MESSAGE, sender="alice@example.com", recipients=["x@client.example"],
-                              hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await aiosmtplib.send(
+            MESSAGE,
+            sender="alice@example.com",
+            recipients=["x@client.example"],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
+            start_tls=False,
+        )
         await asyncio.sleep(1.0)
         async with gw.store.read() as session:
             row = (await session.scalars(select(Recipient))).one()
@@ -101,15 +132,27 @@ async def test_upstream_refusing_connections_defers_without_bouncing(
     assert "cannot connect" in (row.last_response or "")
 
 
-def test_backoff_grows_exponentially_with_jitter_and_is_capped(tmp_path: Path, sqlite_url: str) -> None:
+def test_backoff_grows_exponentially_with_jitter_and_is_capped(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     import random
     from datetime import UTC, datetime, timedelta
 
     from gateway.delivery import Delivery
-    config = gateway_config(tmp_path, sqlite_url, None,
-                            delivery={"retry_initial": "1m", "retry_max": "1h"})
-    delivery = Delivery(None, None, None, config.delivery, lambda: datetime.now(UTC),  # type: ignore[arg-type]
-                        owner="t", reporting_host="gw.test", rng=random.Random(7))
+
+    config = gateway_config(
+        tmp_path, sqlite_url, None, delivery={"retry_initial": "1m", "retry_max": "1h"}
+    )
+    delivery = Delivery(
+        None,
+        None,
+        None,
+        config.delivery,
+        lambda: datetime.now(UTC),  # type: ignore[arg-type]
+        owner="t",
+        reporting_host="gw.test",
+        rng=random.Random(7),
+    )
     waits = [delivery.backoff(n) for n in range(10)]
     assert timedelta(seconds=48) <= waits[0] <= timedelta(seconds=72)
     assert timedelta(seconds=96) <= waits[1] <= timedelta(seconds=144)
