@@ -6,7 +6,7 @@ values, so a condition is a small function of `MessageFacts` and a table of test
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
 
@@ -16,14 +16,7 @@ from policies.envelope import Envelope
 from policies.extract import Budget, contents, decode_text
 from policies.filetype import FileType, extension_of
 from policies.filetype import detect as detect_type
-from policies.mime import (
-    MAX_DEPTH,
-    MAX_PARTS,
-    AttachmentPart,
-    WalkLimits,
-    is_attachment,
-    walk_attachments,
-)
+from policies.mime import LeafPart, WalkLimits, walk_parts
 from policies.text import html_to_text, normalize
 
 MAX_HEADERS = 200
@@ -99,8 +92,10 @@ def build_facts(
 ) -> MessageFacts:
     budget = Budget()
     limits = WalkLimits()
-    attachments = tuple(_attachment(a, book, budget) for a in walk_attachments(message, limits))
-    body = budget.take(normalize("\n".join(_body_texts(message, 0))), "body")
+    leaves = list(walk_parts(message, limits))
+    attachments = tuple(_attachment(leaf, book, budget) for leaf in leaves if leaf.attachment)
+    body = budget.take(normalize(_body_text([leaf for leaf in leaves if not leaf.attachment])),
+                       "body")
     cut = [*([limits.exceeded] if limits.exceeded else []), *budget.cut]
     cut.extend(f"{a.label}: {a.detected_type.value} archive not inspected"
                for a in attachments if a.detected_type in _OPAQUE and not a.encrypted)
@@ -146,24 +141,18 @@ def _headers(message: Message) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)[:MAX_HEADER_CHARS]) for k, v in list(items)[:MAX_HEADERS])
 
 
-def _body_texts(part: Message, depth: int) -> Iterator[str]:
-    """Text the recipient reads: text/plain and text/html parts that are not attachments.
+def _body_text(leaves: Sequence[LeafPart]) -> str:
+    """Text the recipient reads: text/plain and text/html leaves that are not attachments.
 
-    Bodies of forwarded message/rfc822 parts count: they are read too. The depth and
-    part limits are those of `walk_attachments`, which reports exceeding them.
+    Bodies of forwarded message/rfc822 parts count: they are read too.
     """
-    if depth > MAX_DEPTH:
-        return
-    if part.is_multipart():
-        payload = part.get_payload()
-        for sub in payload[:MAX_PARTS] if isinstance(payload, list) else ():
-            if isinstance(sub, Message):
-                yield from _body_texts(sub, depth + 1)
-        return
-    kind = part.get_content_type()
-    if kind in ("text/plain", "text/html") and not is_attachment(part):
-        text = _decoded_text(part)
-        yield html_to_text(text) if kind == "text/html" else text
+    texts = []
+    for leaf in leaves:
+        kind = leaf.part.get_content_type()
+        if kind in ("text/plain", "text/html"):
+            text = _decoded_text(leaf.part)
+            texts.append(html_to_text(text) if kind == "text/html" else text)
+    return "\n".join(texts)
 
 
 def _decoded_text(part: Message) -> str:
@@ -171,7 +160,7 @@ def _decoded_text(part: Message) -> str:
     return decode_text(data, part.get_content_charset()) if isinstance(data, bytes) else ""
 
 
-def _attachment(found: AttachmentPart, book: ClientBook, budget: Budget) -> AttachmentFacts:
+def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> AttachmentFacts:
     part, name = found.part, found.filename
     declared = part.get_content_type()
     data, size = _payload(part)

@@ -59,9 +59,22 @@ def is_attachment(part: Message) -> bool:
     """
     if part.is_multipart():
         return False
-    if part.get_content_disposition() == "attachment":
-        return True
-    return filename_of(part) is not None
+    return _declared_attachment(part, filename_of(part))
+
+
+def _declared_attachment(part: Message, filename: str | None) -> bool:
+    return filename is not None or part.get_content_disposition() == "attachment"
+
+
+@dataclass(frozen=True, slots=True)
+class LeafPart:
+    """A part the walk reached: an attachment (with its filename) or body."""
+
+    part: Message
+    filename: str | None
+    attachment: bool
+    depth: int
+    inside_message: bool
 
 
 def walk_attachments(
@@ -73,11 +86,23 @@ def walk_attachments(
     forwarded .eml is one file to the recipient), and its inner attachments are then
     yielded as well, flagged `inside_message`, so that inspection sees them.
     """
+    for leaf in walk_parts(message, limits):
+        if leaf.attachment:
+            yield AttachmentPart(leaf.part, leaf.filename, leaf.depth, leaf.inside_message)
+
+
+def walk_parts(message: Message, limits: WalkLimits | None = None) -> Iterator[LeafPart]:
+    """Every attachment and every body leaf, in one bounded walk.
+
+    `walk_attachments` is this walk's attachments; inspection also reads the body
+    leaves, so it walks once. Each header is parsed once per part here, because the
+    email package re-parses a header on every access.
+    """
     limits = limits if limits is not None else WalkLimits()
     yield from _walk(message, 0, False, limits)
 
 
-def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterator[AttachmentPart]:
+def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterator[LeafPart]:
     limits.parts_seen += 1
     if limits.parts_seen > limits.max_parts:
         limits.exceeded = limits.exceeded or f"more than {limits.max_parts} parts"
@@ -86,8 +111,9 @@ def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterat
         limits.exceeded = limits.exceeded or f"nested deeper than {limits.max_depth}"
         return
     if part.get_content_type() == "message/rfc822":
-        if part.get_content_disposition() == "attachment" or filename_of(part) is not None:
-            yield AttachmentPart(part, filename_of(part), depth, inside)
+        name = filename_of(part)
+        if _declared_attachment(part, name):
+            yield LeafPart(part, name, True, depth, inside)
         payload = part.get_payload()
         inner = payload if isinstance(payload, list) else [payload]
         for sub in inner:
@@ -101,8 +127,8 @@ def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterat
                 if isinstance(sub, Message):
                     yield from _walk(sub, depth + 1, inside, limits)
         return
-    if is_attachment(part):
-        yield AttachmentPart(part, filename_of(part), depth, inside)
+    name = filename_of(part)
+    yield LeafPart(part, name, _declared_attachment(part, name), depth, inside)
 
 
 def filename_of(part: Message) -> str | None:
@@ -114,16 +140,10 @@ def filename_of(part: Message) -> str | None:
     bytes, trying UTF-8 and then CP932 (Shift_JIS as Windows writes it).
     """
     try:
+        # get_filename falls back to Content-Type `name=` by itself.
         name = part.get_filename()
-    except (ValueError, LookupError, TypeError):  # broken RFC 2231/2047 encoding
-        name = None
-    if name is None:
-        try:
-            name = part.get_param("name", header="content-type")  # type: ignore[assignment]
-        except (ValueError, LookupError, TypeError):
-            name = None
-        if isinstance(name, tuple):  # RFC 2231 triple that get_param did not collapse
-            name = _collapse(name)
+    except (ValueError, LookupError, TypeError):  # broken RFC 2231/2047 in Content-Disposition
+        name = _content_type_name(part)
     if name is None:
         return _raw_8bit_name(part)
     if "\ufffd" in name or _has_surrogates(name):
@@ -131,7 +151,17 @@ def filename_of(part: Message) -> str | None:
     return name.strip() or None
 
 
-def _collapse(value: tuple[str, str | None, str]) -> str:
+def _content_type_name(part: Message) -> str | None:
+    try:
+        name = part.get_param("name", header="content-type")
+    except (ValueError, LookupError, TypeError):
+        return None
+    if isinstance(name, tuple):  # RFC 2231 triple that get_param did not collapse
+        return _collapse(name)
+    return name
+
+
+def _collapse(value: tuple[str | None, str | None, str]) -> str:
     charset, _, text = value
     try:
         return text.encode("latin-1", "surrogateescape").decode(charset or "utf-8", "replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from policies.detectors import credit_card, email_addresses, my_number, phone_jp
@@ -18,9 +19,20 @@ DETECTORS: dict[PiiKind, Callable[[str], Iterator[Finding]]] = {
 }
 
 
+# Every number detector needs at least ten digits with separators. Scanning once for
+# such runs (a pattern starting with a character set, which the regex engine scans for
+# in C) and handing the detectors only those runs, keeps prose cheap to inspect. Two
+# characters of context on each side keep the detectors' boundary checks exact.
+_NUMBER_RUN = re.compile(r"[\d+(][\d ()+-]{8,}\d")
+_NUMBER_DETECTORS = (credit_card.find, my_number.find, phone_jp.find)
+
+
 def detect(normalized: str) -> tuple[Finding, ...]:
     """Every finding of every detector in NFKC-normalised text."""
     if not normalized:
         return ()
     text = for_detectors(normalized)
-    return tuple(f for find in DETECTORS.values() for f in find(text))
+    runs = "\n".join(text[max(0, m.start() - 2) : m.end() + 2] for m in _NUMBER_RUN.finditer(text))
+    found = [f for find in _NUMBER_DETECTORS for f in find(runs)] if runs else []
+    found.extend(email_addresses.find(text))
+    return tuple(found)

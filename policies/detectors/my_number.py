@@ -18,9 +18,12 @@ from policies.detectors.base import AFTER, BEFORE, Finding, PiiKind, digits
 _CANDIDATE = re.compile(BEFORE + r"(?:\d{12}|\d{4}([ -])\d{4}\1\d{4})" + AFTER)
 
 
+# Q(n) for P(1)…P(11), listed left to right (P(11) first).
+_WEIGHTS = tuple(n + 1 if n <= 6 else n - 5 for n in range(11, 0, -1))
+
+
 def check_digit(first_eleven: str) -> int:
-    weighted = enumerate(reversed(first_eleven), 1)
-    total = sum(int(p) * (n + 1 if n <= 6 else n - 5) for n, p in weighted)
+    total = sum(int(p) * q for p, q in zip(first_eleven, _WEIGHTS, strict=True))
     remainder = total % 11
     return 0 if remainder <= 1 else 11 - remainder
 

@@ -6,7 +6,11 @@ Numbers; a found value is only ever reported masked.
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies.detectors import PiiKind, detect
 from policies.detectors.credit_card import luhn_valid
@@ -154,3 +158,18 @@ def test_a_full_value_never_appears_in_findings() -> None:
 @pytest.mark.parametrize(("number", "valid"), [("79927398713", True), ("79927398710", False)])
 def test_luhn(number: str, valid: bool) -> None:
     assert luhn_valid(number) is valid
+
+
+_JAPANESE = st.text(
+    alphabet=st.sampled_from(
+        "あいうえおがぎゃアイウエオガヴー・、。「」（）：　ＡＢＣａｂｃ０１２３４５６７８９－"
+        "ｱｲｳｶﾞﾟ①㈱〶ゟヿ\u3099\u309a漢字ﾃﾞｰﾀ ABCabc0123456789-"
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JAPANESE)
+def test_fast_normalisation_equals_nfkc(text: str) -> None:
+    assert normalize(text) == unicodedata.normalize("NFKC", text)
