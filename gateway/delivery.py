@@ -107,7 +107,12 @@ class Delivery:
         now = self._clock()
         async with self._store.transaction() as session:
             claims = await repo.claim_due(
-                session, owner=self.owner, now=now, lease=self._config.lease, limit=free * 10
+                session,
+                owner=self.owner,
+                now=now,
+                lease=self._config.lease,
+                limit=free * 10,
+                max_groups=free,
             )
         for claim in claims:
             task = asyncio.create_task(self._deliver_guarded(claim))

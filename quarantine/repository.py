@@ -112,14 +112,21 @@ class ClaimedRecipient:
 
 
 async def claim_due(
-    session: AsyncSession, *, owner: str, now: datetime, lease: timedelta, limit: int
+    session: AsyncSession,
+    *,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    max_groups: int | None = None,
 ) -> list[Claim]:
-    """Lease due recipients. On PostgreSQL, `FOR UPDATE SKIP LOCKED` lets several
+    """Lease due recipients, grouped into at most `max_groups` (message, domain)
+    transactions. On PostgreSQL, `FOR UPDATE SKIP LOCKED` lets several
     instances claim at once without waiting on each other or taking the same row;
     SQLAlchemy drops it on SQLite, where the store's write lock serialises claims.
     """
     due = (
-        select(Recipient.id)
+        select(Recipient.id, Recipient.message_id, Recipient.domain)
         .where(
             Recipient.state.in_(DUE_RECIPIENT_STATES),
             Recipient.next_attempt_at <= now,
@@ -129,7 +136,17 @@ async def claim_due(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    ids = list((await session.scalars(due)).all())
+    # Lease only as many transactions as the caller can start now: a lease must not
+    # run out while its claim waits in this process for a free worker, or the same
+    # recipients would be claimed again and sent twice.
+    kept: dict[tuple[str, str], None] = {}
+    ids = []
+    for rid, message_id, domain in (await session.execute(due)).all():
+        key = (message_id, domain)
+        if key not in kept and max_groups is not None and len(kept) >= max_groups:
+            continue
+        kept[key] = None
+        ids.append(rid)
     if not ids:
         return []
     await session.execute(

@@ -41,6 +41,7 @@ class Upstream:
     rcpt_reply: Callable[[str], str | None] = lambda _a: None
     data_reply: Callable[[], str | None] = lambda: None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    delay: float = 0.0  # seconds spent before answering DATA, like a slow smarthost
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -52,6 +53,8 @@ class Upstream:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         reply = self.data_reply()
         if reply:
             return reply

@@ -158,3 +158,27 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped(
     assert timedelta(seconds=96) <= waits[1] <= timedelta(seconds=144)
     assert all(w <= timedelta(hours=1.2) for w in waits)
     assert waits[9] >= timedelta(minutes=48)
+
+
+async def test_slow_upstream_does_not_make_queued_claims_expire_and_send_twice(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    # Each send takes 0.4 s and the lease is 1 s. Claims beyond the free workers would
+    # wait in the process while their lease ran out, be claimed again and go out twice.
+    upstream.delay = 0.4
+    config = gateway_config(
+        tmp_path, sqlite_url, upstream.port, delivery={"workers": 2, "connections": 2, "lease": "1s"}
+    )
+    async with running(config) as gw:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await client.connect()
+        for n in range(12):
+            await client.sendmail(
+                "alice@example.com", [f"r{n}@d{n}.example"], b"Subject: %d\r\n\r\nx\r\n" % n
+            )
+        await client.quit()
+        await upstream.wait_for(12, timeout=30)
+        await asyncio.sleep(1.5)
+    subjects = sorted(r.data.split(b"\r\n", 1)[0] for r in upstream.received)
+    assert len(subjects) == 12, subjects  # each exactly once
+    assert len(set(subjects)) == 12
