@@ -162,3 +162,31 @@ def test_users_add_and_list_through_the_cli(tmp_path: Path) -> None:
     assert token.returncode == 0 and token.stdout.startswith("skt_")
     tokens = sekisho("tokens", "list", "--config", str(config))
     assert "alice" in tokens.stdout and token.stdout.strip() not in tokens.stdout
+
+
+def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
+    text = SHIPPED.read_text(encoding="utf-8")
+    head, _, examples = text.partition("## Client companies and rules.")
+    assert examples, "the shipped config has lost its rule examples"
+    # "## " lines are prose; "# " lines are the examples
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") else line
+        for line in examples.splitlines()[1:]
+        if not line.startswith("##")
+    )
+    config = tmp_path / "gateway.toml"
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "globex.zip.txt").write_text("globex-secret\n")
+    config.write_text(head + uncommented, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+        env={**__import__("os").environ, "SEKISHO_ACME_ZIP": "acme-secret"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    actions = {"refuse", "hold", "delay", "deliver"}
+    assert all(f'action = "{a}"' in uncommented for a in actions)
+    from policies.config import When
+    for condition in When.model_fields:
+        assert f"when.{condition}" in uncommented, condition
