@@ -54,9 +54,13 @@ class ClientBook:
 
     def markers_in(self, text: str) -> tuple[MarkerHit, ...]:
         """Each (client, marker) found in `text`, once, in book order."""
-        if self._pattern is None or not text:
+        return self.markers_in_folded(fold(text)) if text else ()
+
+    def markers_in_folded(self, folded: str) -> tuple[MarkerHit, ...]:
+        """As `markers_in`, for text already NFKC-normalised and case-folded."""
+        if self._pattern is None or not folded:
             return ()
-        found = {m.group() for m in self._pattern.finditer(fold(text))}
+        found = {m.group() for m in self._pattern.finditer(folded)}
         return tuple(hit for key in self._by_folded if key in found for hit in self._by_folded[key])
 
 
@@ -67,6 +71,8 @@ def _marker_pattern(folded: dict[str, list[MarkerHit]]) -> re.Pattern[str] | Non
     for marker in sorted(folded, key=len, reverse=True):  # longest first: "acme-jp" before "acme"
         escaped = re.escape(marker)
         if marker.isascii():
-            escaped = rf"(?<![a-z]){escaped}(?![a-z])"
+            # The look-behind follows the literal, so that the pattern starts with the
+            # markers' first characters, which the regex engine scans for quickly.
+            escaped = rf"{escaped}(?<![a-z]{escaped})(?![a-z])"
         alternatives.append(escaped)
     return re.compile("|".join(alternatives))

@@ -200,5 +200,5 @@ def _marks(
     found = [Mark(h.client, h.marker, "name") for h in book.markers_in(name or "")]
     for entry in entries:
         found.extend(Mark(h.client, h.marker, f"entry {entry}") for h in book.markers_in(entry))
-    found.extend(Mark(h.client, h.marker, "text") for h in book.markers_in(text))
+    found.extend(Mark(h.client, h.marker, "text") for h in book.markers_in_folded(text.casefold()))
     return tuple(found)

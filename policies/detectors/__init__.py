@@ -23,7 +23,9 @@ DETECTORS: dict[PiiKind, Callable[[str], Iterator[Finding]]] = {
 # such runs (a pattern starting with a character set, which the regex engine scans for
 # in C) and handing the detectors only those runs, keeps prose cheap to inspect. Two
 # characters of context on each side keep the detectors' boundary checks exact.
-_NUMBER_RUN = re.compile(r"[\d+(][\d ()+-]{8,}\d")
+# The look-behind (after the first character, to keep the fast scan) keeps a run from
+# being tried again at each of its digits.
+_NUMBER_RUN = re.compile(r"[\d+(](?<!\d[\d+(])[\d ()+-]{8,}\d")
 _NUMBER_DETECTORS = (credit_card.find, my_number.find, phone_jp.find)
 
 
