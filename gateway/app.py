@@ -24,6 +24,7 @@ from gateway.http_api import create_app
 from gateway.intake import Intake
 from gateway.known_domains import KnownDomains
 from gateway.policy_source import PolicySource
+from gateway.protect import Protector
 from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
 from quarantine.db import Store
@@ -82,6 +83,8 @@ class Gateway:
         await self.credentials.refresh()
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
+        protector = Protector(self.store, self.audit, self.config, self.policy.current,
+                              self.clock, wake=lambda: self.delivery.wake() if self.delivery else None)
         self.delivery = Delivery(
             self.store,
             self.audit,
@@ -90,6 +93,7 @@ class Gateway:
             self.clock,
             owner=self.instance,
             reporting_host=self.config.smtp.hostname,
+            prepare=protector.prepare,
         )
         approval = self.config.approval
         intake = Intake(

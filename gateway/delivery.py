@@ -23,6 +23,7 @@ from gateway.config import DeliveryConfig
 from gateway.dsn import Failed, build_dsn
 from gateway.errors import PermanentFailure, SmtpFailure, TemporaryFailure
 from gateway.ids import new_id
+from gateway.protect import HoldForReview
 from gateway.transports import Results, Transport
 from policies.verdict import Verdict
 from quarantine import repository as repo
@@ -161,6 +162,9 @@ class Delivery:
             return
         try:
             batches = await self._prepare(claim, raw)
+        except HoldForReview as reason:
+            await self._hold(claim, str(reason))
+            return
         except Exception as error:
             log.exception("preparing %s for delivery failed", claim.message_id)
             failure = TemporaryFailure(f"could not prepare the message: {type(error).__name__}")
@@ -170,6 +174,14 @@ class Delivery:
         for addresses, data in batches:
             outcomes = await self._send(claim, [by_address[a] for a in addresses], data)
             await self._record(claim, outcomes)
+
+    async def _hold(self, claim: Claim, reason: str) -> None:
+        async with self._store.transaction() as session:
+            held = await repo.hold_message(session, claim.message_id, "protection-failed",
+                                           self._clock())
+        if held:
+            self._audit.emit("message.held", id=claim.message_id, rule="protection-failed",
+                             reason=reason[:300])
 
     async def _send(
         self, claim: Claim, recipients: Sequence[ClaimedRecipient], data: bytes

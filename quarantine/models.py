@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -165,3 +166,36 @@ class Token(Base):
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class MessageKey(Base):
+    """The per-message ZIP password for recipients without a client password.
+
+    Kept so that a retry, or a later copy for another domain, uses the same password
+    the sender was told. Never part of the verdict, the trace, the API or the audit
+    log; removed with the message.
+    """
+
+    __tablename__ = "message_keys"
+
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    password: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class Approval(Base):
+    """One person's decision on one held message. Unique per (message, user): approving
+    twice is one approval, so `min_approvals` counts distinct people."""
+
+    __tablename__ = "approvals"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    user: Mapped[str] = mapped_column(String(128))
+    decision: Mapped[str] = mapped_column(String(16))  # approve | reject
+    comment: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("message_id", "user"),)

@@ -285,6 +285,23 @@ async def release_message(session: AsyncSession, message_id: str, now: datetime)
     return True
 
 
+async def hold_message(session: AsyncSession, message_id: str, reason: str, now: datetime) -> bool:
+    """Queued → held, its unfinished recipients back to waiting (fail closed)."""
+    message = await session.get(Message, message_id, with_for_update=True)
+    if message is None or message.state is not MessageState.QUEUED:
+        return False
+    message.state = check_message(message.state, MessageState.HELD)
+    message.rule = reason
+    message.updated_at = now
+    await session.execute(
+        update(Recipient)
+        .where(Recipient.message_id == message_id, Recipient.state.in_(DUE_RECIPIENT_STATES))
+        .values(state=RecipientState.WAITING, next_attempt_at=None, lease_owner=None,
+                lease_expires_at=None, updated_at=now)
+    )
+    return True
+
+
 async def due_delays(session: AsyncSession, now: datetime, limit: int = 100) -> list[str]:
     rows = await session.scalars(
         select(Message.id)

@@ -35,7 +35,8 @@ class InvalidTransition(Exception):
 M, R = MessageState, RecipientState
 
 MESSAGE_TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
-    M.QUEUED: frozenset({M.DELIVERED, M.BOUNCED}),
+    # queued → held: delivery found it cannot apply a transform its rules ask for
+    M.QUEUED: frozenset({M.DELIVERED, M.BOUNCED, M.HELD}),
     M.HELD: frozenset({M.QUEUED, M.REJECTED, M.EXPIRED}),
     M.DELAYED: frozenset({M.QUEUED, M.CANCELLED, M.HELD}),
     M.DELIVERED: frozenset(),
@@ -47,8 +48,8 @@ MESSAGE_TRANSITIONS: dict[MessageState, frozenset[MessageState]] = {
 
 RECIPIENT_TRANSITIONS: dict[RecipientState, frozenset[RecipientState]] = {
     R.WAITING: frozenset({R.QUEUED, R.CANCELLED}),
-    R.QUEUED: frozenset({R.DELIVERED, R.DEFERRED, R.BOUNCED}),
-    R.DEFERRED: frozenset({R.DELIVERED, R.DEFERRED, R.BOUNCED}),
+    R.QUEUED: frozenset({R.DELIVERED, R.DEFERRED, R.BOUNCED, R.WAITING}),
+    R.DEFERRED: frozenset({R.DELIVERED, R.DEFERRED, R.BOUNCED, R.WAITING}),
     R.DELIVERED: frozenset(),
     R.BOUNCED: frozenset(),
     R.CANCELLED: frozenset(),

@@ -31,12 +31,12 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
-from enum import StrEnum
 from typing import Literal
 from urllib.parse import quote
 
 import pyzipper
 
+from policies.config import ZipMethod
 from policies.mime import SMTP_POLICY, WalkLimits, parse, walk_attachments
 from policies.transforms.zipcrypto import RandomBytes, ZipCryptoWriter
 
@@ -47,9 +47,8 @@ _PROBE = 64 * 1024
 _MAX_ZIP = 0xFFFFFFFF - (1 << 20)  # non-ZIP64 limit, with room for headers
 
 
-class ZipMethod(StrEnum):
-    AES256 = "aes256"  # WinZip AE-2 via pyzipper: 7-Zip, macOS; not Explorer or unzip
-    ZIPCRYPTO = "zipcrypto"  # PKWARE traditional: opens everywhere, weak
+# The method is chosen per client in the client book; one enum for both.
+__all__ = ["EncryptError", "EncryptResult", "ZipMethod", "encrypt_attachments"]
 
 
 class EncryptError(ValueError):

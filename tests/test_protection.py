@@ -1,0 +1,236 @@
+"""Attachment protection at delivery: one copy per client company, each openable only
+with that company's password, by the tools recipients use; the password reaches the
+sender by a separate notice and nowhere else."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import aiosmtplib
+import pyzipper
+import pytest
+from sqlalchemy import select
+
+from quarantine.models import Message
+from tests.conftest import Received, Upstream, gateway_config, running
+from tests.transforms import samples
+from tests.transforms.tools import extract_7z, extract_unzip, files_in
+
+ACME_PASSWORD = "acme-pass-1234"
+GLOBEX_PASSWORD = "globex-pass-5678"
+CLIENTS = [
+    {
+        "name": "acme",
+        "domains": ["acme.example"],
+        "markers": ["ACME"],
+        "zip_password": ACME_PASSWORD,
+        "zip_method": "aes256",
+    },
+    {
+        "name": "globex",
+        "domains": ["globex.example"],
+        "markers": ["GLOBEX"],
+        "zip_password": GLOBEX_PASSWORD,
+        "zip_method": "zipcrypto",
+    },
+    {"name": "initech", "domains": ["initech.example"], "markers": ["INITECH"]},
+]
+ENCRYPT_EXTERNAL = [
+    {
+        "name": "encrypt-external",
+        "when": {"recipients": "any_external", "has_attachments": True},
+        "action": "deliver",
+        "encrypt": True,
+    }
+]
+
+
+def _zips(data: bytes) -> dict[str, bytes]:
+    message = message_from_bytes(data, policy=policy.default)
+    return {
+        p.get_filename(): p.get_payload(decode=True)
+        for p in message.walk()
+        if (p.get_filename() or "").endswith(".zip")
+    }
+
+
+def _for(received: list[Received], rcpt: str) -> bytes:
+    return next(r.data for r in received if rcpt in r.rcpt_tos)
+
+
+async def _send(port: int, raw: bytes, rcpts: list[str]) -> None:
+    await aiosmtplib.send(
+        raw,
+        sender="yamada@example.com",
+        recipients=rcpts,
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=False,
+    )
+
+
+async def test_two_clients_get_two_copies_each_openable_only_with_its_own_password(
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        store_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "none"},
+    )
+    raw = samples.outlook_message()
+    async with running(config) as gw:
+        await _send(
+            gw.smtp_port, raw, ["client@acme.example", "buyer@globex.example", "boss@example.com"]
+        )
+        received = await upstream.wait_for(3)
+    assert len(received) == 3  # acme's copy, globex's copy, the internal original
+    assert _for(received, "boss@example.com") == raw
+    acme_zips = _zips(_for(received, "client@acme.example"))
+    globex_zips = _zips(_for(received, "buyer@globex.example"))
+    assert (
+        set(acme_zips)
+        == set(globex_zips)
+        == {f"{samples.XLSX_NAME}.zip", f"{samples.PDF_NAME}.zip"}
+    )
+    xlsx_zip = acme_zips[f"{samples.XLSX_NAME}.zip"]
+    with pyzipper.AESZipFile(io.BytesIO(xlsx_zip)) as archive:
+        archive.setpassword(ACME_PASSWORD.encode())
+        assert archive.namelist() == [samples.XLSX_NAME]
+        assert archive.read(samples.XLSX_NAME) == samples.xlsx_bytes()
+        archive.setpassword(GLOBEX_PASSWORD.encode())
+        with pytest.raises(RuntimeError):
+            archive.read(samples.XLSX_NAME)
+    header = _for(received, "client@acme.example").split(b"\r\n\r\n", 1)[0]
+    assert b"X-Sekisho-Protected: zip-aes256; files=2" in header
+
+
+async def test_zipcrypto_copy_opens_with_unzip_and_7z_and_not_with_the_other_password(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "none"},
+    )
+    async with running(config) as gw:
+        await _send(gw.smtp_port, samples.outlook_message(), ["buyer@globex.example"])
+        received = await upstream.wait_for(1)
+    archive = tmp_path / "x.zip"
+    archive.write_bytes(_zips(received[0].data)[f"{samples.XLSX_NAME}.zip"])
+    for extract in (extract_unzip, extract_7z):
+        good = tmp_path / f"good-{extract.__name__}"
+        result = extract(archive, GLOBEX_PASSWORD, good)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert files_in(good) == {samples.XLSX_NAME: samples.xlsx_bytes()}
+        bad = tmp_path / f"bad-{extract.__name__}"
+        assert extract(archive, ACME_PASSWORD, bad).returncode != 0
+        assert not bad.exists() or not any(p.stat().st_size for p in bad.rglob("*") if p.is_file())
+
+
+async def test_sender_gets_one_notice_with_the_password_and_it_is_nowhere_else(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "sender"},
+    )
+    async with running(config) as gw:
+        # initech has no password of its own: a random one per message is used
+        await _send(
+            gw.smtp_port,
+            samples.outlook_message(),
+            ["a@initech.example", "b@initech.example", "c@acme.example"],
+        )
+        received = await upstream.wait_for(4)
+        async with gw.store.read() as session:
+            verdicts = [m.verdict for m in (await session.scalars(select(Message))).all()]
+    notices = [r for r in received if r.rcpt_tos == ["yamada@example.com"]]
+    assert len(notices) == 1 and notices[0].mail_from == ""
+    text = message_from_bytes(notices[0].data, policy=policy.default).get_content()
+    found = re.findall(r"Password: (\S+)", text)
+    assert len(found) == 2  # initech's random password (once for both) and acme's
+    random_password = next(p for p in found if p != ACME_PASSWORD)
+    assert len(random_password) >= 16 and not set(random_password) & set("0O1lI")
+    initech = [r for r in received if r.rcpt_tos[0].endswith("@initech.example")]
+    assert len(initech) == 1 and sorted(initech[0].rcpt_tos) == [
+        "a@initech.example",
+        "b@initech.example",
+    ]
+    zipped = _zips(initech[0].data)[f"{samples.XLSX_NAME}.zip"]
+    with pyzipper.AESZipFile(io.BytesIO(zipped)) as archive:
+        archive.setpassword(random_password.encode())
+        assert archive.read(samples.XLSX_NAME) == samples.xlsx_bytes()
+    audit = Path(config.audit.path).read_text()
+    for secret in (random_password, ACME_PASSWORD):
+        assert secret not in audit
+        assert secret not in json.dumps(verdicts)
+    assert '"event":"protection.applied"' in audit and '"event":"notice.queued"' in audit
+
+
+async def test_bcc_rule_hides_external_recipients_from_the_headers(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    rules = [{"name": "many-external", "when": {"external_recipients_at_least": 2}, "bcc": True}]
+    config = gateway_config(tmp_path, sqlite_url, upstream.port, rules=rules)
+    raw = (
+        b"From: yamada@example.com\r\nTo: a@x.example, b@y.example\r\n"
+        b"Cc: boss@example.com\r\nSubject: hello\r\n\r\nbody\r\n"
+    )
+    async with running(config) as gw:
+        await _send(gw.smtp_port, raw, ["a@x.example", "b@y.example", "boss@example.com"])
+        received = await upstream.wait_for(3)
+    for r in received:
+        headers = r.data.split(b"\r\n\r\n", 1)[0]
+        assert b"a@x.example" not in headers and b"b@y.example" not in headers
+        assert b"Cc: boss@example.com" in headers
+        assert r.data.endswith(b"\r\n\r\nbody\r\n")
+
+
+async def test_message_that_cannot_be_protected_is_held_not_sent(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "none"},
+    )
+    parts = [
+        samples.part(
+            ['Content-Type: text/plain; name="f%d.txt"' % n, "Content-Disposition: attachment"],
+            b"x",
+        )
+        for n in range(2100)
+    ]
+    raw = samples.mixed(
+        *parts, headers=("From: yamada@example.com", "To: c@acme.example", "Subject: many files")
+    )
+    async with running(config) as gw:
+        await _send(gw.smtp_port, raw, ["c@acme.example"])
+        for _ in range(100):
+            async with gw.store.read() as session:
+                message = (await session.scalars(select(Message))).one()
+            if message.state != "queued":
+                break
+            import asyncio
+
+            await asyncio.sleep(0.05)
+    assert message.state == "held" and message.rule == "protection-failed"
+    assert upstream.received == []
+    assert '"event":"message.held"' in Path(config.audit.path).read_text()
