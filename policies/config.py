@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -237,14 +237,14 @@ def check_unique(names: Iterable[str], what: str) -> None:
         seen.add(name)
 
 
-def parse_rules(raw: Sequence[dict[str, Any] | RuleSpec]) -> tuple[RuleSpec, ...]:
+def parse_rules(raw: Sequence[Mapping[str, Any] | RuleSpec]) -> tuple[RuleSpec, ...]:
     """Validate `[[rules]]` tables; raises pydantic.ValidationError or ValueError."""
     rules = tuple(r if isinstance(r, RuleSpec) else RuleSpec.model_validate(r) for r in raw)
     check_unique((r.name for r in rules), "rule")
     return rules
 
 
-def parse_clients(raw: Sequence[dict[str, Any] | ClientSpec]) -> tuple[ClientSpec, ...]:
+def parse_clients(raw: Sequence[Mapping[str, Any] | ClientSpec]) -> tuple[ClientSpec, ...]:
     clients = tuple(c if isinstance(c, ClientSpec) else ClientSpec.model_validate(c) for c in raw)
     check_unique((c.name for c in clients), "client")
     return clients

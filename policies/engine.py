@@ -6,9 +6,10 @@ rules holds the message with rule `policy-error` (fail closed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from policies.clients import ClientBook
 from policies.combine import combine
@@ -55,8 +56,8 @@ class Policy:
     @classmethod
     def compile(
         cls,
-        rules: Sequence[RuleSpec | dict[str, object]],
-        clients: Sequence[ClientSpec | dict[str, object]],
+        rules: Sequence[RuleSpec | Mapping[str, Any]],
+        clients: Sequence[ClientSpec | Mapping[str, Any]],
         internal_domains: Sequence[str],
     ) -> Policy:
         """Raises ValueError (or pydantic's ValidationError, a ValueError) naming the key."""

@@ -16,7 +16,7 @@ from policies.envelope import Envelope
 from policies.extract import Budget, contents, decode_text
 from policies.filetype import FileType, extension_of
 from policies.filetype import detect as detect_type
-from policies.mime import LeafPart, WalkLimits, walk_parts
+from policies.mime import LeafPart, WalkLimits, decoded_payload, walk_parts
 from policies.text import html_to_text, normalize
 
 MAX_HEADERS = 200
@@ -156,8 +156,7 @@ def _body_text(leaves: Sequence[LeafPart]) -> str:
 
 
 def _decoded_text(part: Message) -> str:
-    data = part.get_payload(decode=True)
-    return decode_text(data, part.get_content_charset()) if isinstance(data, bytes) else ""
+    return decode_text(decoded_payload(part), part.get_content_charset())
 
 
 def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> AttachmentFacts:
@@ -179,8 +178,7 @@ def _payload(part: Message) -> tuple[bytes, int]:
     if part.get_content_type() == "message/rfc822":
         # The inner message's own parts are walked separately; here only its size.
         return b"", _message_size(part)
-    data = part.get_payload(decode=True)
-    data = data if isinstance(data, bytes) else b""
+    data = decoded_payload(part)
     return data, len(data)
 
 

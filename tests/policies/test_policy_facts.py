@@ -7,6 +7,7 @@ import pytest
 from messages import (
     PNG,
     XLSX_TYPE,
+    b64,
     content_type_name_only,
     docx,
     encrypted_zip,
@@ -28,6 +29,7 @@ from policies.engine import Policy, inspect
 from policies.envelope import Envelope
 from policies.facts import AttachmentFacts, MessageFacts
 from policies.filetype import FileType
+from policies.mime import decoded_payload, parse
 
 ENVELOPE = Envelope(mail_from="taro@corp.example", rcpt_tos=("hanako@acme.example",))
 
@@ -197,3 +199,20 @@ def test_html_body_is_reduced_to_text(book_policy: Policy) -> None:
 def test_xlsx_attachment_declared_type_is_kept(book_policy: Policy) -> None:
     facts = facts_of(outlook_iso2022jp("a.xlsx", xlsx([])), book_policy)
     assert only(facts).declared_type == XLSX_TYPE
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b64(bytes(range(256)) * 40),
+        b64(b"abc") + "\r\n\r\n",
+        "QUJD\r\n!!RE\r\nVG\r\n",  # characters outside the alphabet are skipped
+        "QUJDRA",  # missing padding: the email package's lenient path
+        "",
+    ],
+)
+def test_fast_base64_decoding_equals_the_email_package(body: str) -> None:
+    raw = (f"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+           f"\r\n{body}").encode()
+    part = parse(raw)
+    assert decoded_payload(part) == part.get_payload(decode=True)
