@@ -83,8 +83,10 @@ class Gateway:
         await self.credentials.refresh()
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
-        protector = Protector(self.store, self.audit, self.config, self.policy.current,
-                              self.clock, wake=lambda: self.delivery.wake() if self.delivery else None)
+        protector = Protector(
+            self.store, self.audit, self.config, self.policy.current, self.clock,
+            wake=lambda: self.delivery.wake() if self.delivery else None,
+        )
         self.delivery = Delivery(
             self.store,
             self.audit,

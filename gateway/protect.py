@@ -174,18 +174,18 @@ class Protector:
                 shared.setdefault((secret, method.value), []).append(address)
         subject = message.subject if message else None
         if notify == "recipients_later":
-            for (secret, method), members in shared.items():
+            for (secret, method_name), members in shared.items():
                 await self._add_notice(
                     session,
                     claim,
                     members,
-                    [(", ".join(members), secret, method)],
+                    [(", ".join(members), secret, method_name)],
                     subject,
                     now,
                     delay=self._config.encryption.notify_delay,
                 )
             return
-        lines = [(", ".join(m), secret, method) for (secret, method), m in shared.items()]
+        lines = [(", ".join(m), secret, name) for (secret, name), m in shared.items()]
         await self._add_notice(session, claim, [claim.mail_from], lines, subject, now)
 
     async def _add_notice(

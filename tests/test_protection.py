@@ -11,8 +11,8 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import aiosmtplib
-import pyzipper
 import pytest
+import pyzipper
 from sqlalchemy import select
 
 from quarantine.models import Message
@@ -213,7 +213,7 @@ async def test_message_that_cannot_be_protected_is_held_not_sent(
     )
     parts = [
         samples.part(
-            ['Content-Type: text/plain; name="f%d.txt"' % n, "Content-Disposition: attachment"],
+            [f'Content-Type: text/plain; name="f{n}.txt"', "Content-Disposition: attachment"],
             b"x",
         )
         for n in range(2100)
