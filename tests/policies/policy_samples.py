@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 NOW = datetime(2024, 1, 15, 10, 0, tzinfo=UTC)
 
-CLIENTS = [
+CLIENTS: list[dict[str, Any]] = [
     {"name": "acme", "domains": ["acme.example", "*.acme.example"], "markers": ["ACME", "アクメ"]},
     {"name": "beta", "domains": ["beta.example"], "markers": ["BETA", "ベータ商事"],
      "zip_password": "beta-pass", "zip_method": "zipcrypto"},
 ]
 
-ISSUE_RULES = [
+ISSUE_RULES: list[dict[str, Any]] = [
     {"name": "wrong-client-attachment",
      "description": "A file marked for one client is going to another",
      "when": {"attachment_client_mismatch": True}, "action": "refuse",

@@ -31,6 +31,7 @@ from policies.facts import AttachmentFacts, MessageFacts
 from policies.filetype import FileType
 from policies.mime import decoded_payload, parse
 
+OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # [MS-CFB] compound file signature
 ENVELOPE = Envelope(mail_from="taro@corp.example", rcpt_tos=("hanako@acme.example",))
 
 
@@ -125,6 +126,8 @@ def test_type_is_detected_from_magic_bytes(
         (plain_zip({"a.csv": b"1"}), False),
         (pdf(encrypted=True), True),
         (pdf(), False),
+        (OLE + b"\x00" * 64 + "EncryptedPackage".encode("utf-16-le"), True),  # locked .xlsx
+        (OLE + b"\x00" * 64 + "Workbook".encode("utf-16-le"), False),  # an old .xls
     ],
 )
 def test_encrypted_zip_and_pdf_are_recognised(
