@@ -155,7 +155,7 @@ class Gateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.store)
+        app = create_app(self.store, config=self.config, audit=self.audit, clock=self.clock, wake=self.delivery.wake if self.delivery else None)  # noqa: E501
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _QuietServer(config)
         self._spawn(self._http.serve(sockets=[sock]), "http")

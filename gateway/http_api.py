@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import text
 
+from gateway.api import audit as audit_routes
+from gateway.api import messages as message_routes
+from gateway.api.auth import Authenticator
+from gateway.approvals import ApprovalError, Approvals, OnDecision
+from gateway.audit import AuditLog
+from gateway.config import Config
 from quarantine import repository as repo
 from quarantine.db import Store
 
+log = logging.getLogger(__name__)
 
-def create_app(store: Store, *, version: str = "0.1.0") -> FastAPI:
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(
+    store: Store,
+    *,
+    config: Config | None = None,
+    audit: AuditLog | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+    wake: Callable[[], None] | None = None,
+    on_decision: OnDecision | None = None,
+    version: str = "0.1.0",
+) -> FastAPI:
+    """`wake` tells delivery a message was released; `on_decision` is the hook for
+    notices by mail (approved, rejected, cancelled, expired)."""
+    config = config or Config()
     app = FastAPI(
         title="Sekisho",
         version=version,
@@ -53,4 +80,33 @@ def create_app(store: Store, *, version: str = "0.1.0") -> FastAPI:
             depth.labels(state=state).set(count)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    _add_api(app, store, config, audit, clock, wake, on_decision)
     return app
+
+
+def _add_api(
+    app: FastAPI,
+    store: Store,
+    config: Config,
+    audit: AuditLog | None,
+    clock: Callable[[], datetime],
+    wake: Callable[[], None] | None,
+    on_decision: OnDecision | None,
+) -> None:
+    app.state.authenticator = Authenticator(store, clock)
+    app.state.approvals = Approvals(
+        store, audit, config.approval, clock, wake=wake, on_decision=on_decision
+    )
+    app.state.audit_path = audit.path if audit is not None else config.audit.path
+    app.include_router(message_routes.router, prefix="/api/v1")
+    app.include_router(audit_routes.router, prefix="/api/v1")
+
+    @app.exception_handler(ApprovalError)
+    async def refused(_request: Request, error: ApprovalError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=message_routes.error_status(error))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        # Never a stack trace or an HTML page: the detail names no internals.
+        log.exception("HTTP %s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)

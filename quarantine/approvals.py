@@ -1,0 +1,215 @@
+"""Reads and writes of the approval workflow: decisions, the end of held and delayed
+messages, and the listing the HTTP API pages through.
+
+Like `quarantine.repository`, every function takes the caller's session and never
+commits; `gateway.approvals` owns the transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, Text, and_, cast, false, func, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from quarantine.models import Approval, Message, Recipient
+from quarantine.states import MessageState, RecipientState, check_message
+
+APPROVE = "approve"
+REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    state: MessageState | None = None
+    sender: str | None = None
+    recipient_domain: str | None = None
+    rule: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A coarse SQL pre-filter of what one person may see. It may let through more
+    than they may see (the caller checks each row exactly) but never less.
+
+    `everything` is for admins and auditors. Otherwise: messages sent by `user` or
+    from one of `emails`; messages naming one of `principals` as approvers; if
+    `unassigned`, held or delayed messages that name no approvers (the defaults
+    apply); and if `escalated_before` is set, held messages older than that.
+    """
+
+    everything: bool = False
+    user: str | None = None
+    emails: tuple[str, ...] = ()
+    principals: tuple[str, ...] = ()
+    unassigned: bool = False
+    escalated_before: datetime | None = None
+
+
+def _verdict_text() -> ColumnElement[str]:
+    return cast(Message.verdict, Text)
+
+
+def _needle(value: object) -> str:
+    # The JSON column is written with json.dumps defaults (ASCII escapes, ", " and ": "),
+    # so the same call gives the exact text a value has inside it.
+    return json.dumps(value)
+
+
+def _scope_clause(scope: Scope) -> ColumnElement[bool]:
+    if scope.everything:
+        return true()
+    verdict = _verdict_text()
+    clauses: list[ColumnElement[bool]] = []
+    if scope.user is not None:
+        clauses.append(Message.sender_user == scope.user)
+    if scope.emails:
+        clauses.append(func.lower(Message.mail_from).in_(scope.emails))
+    clauses += [verdict.contains(_needle(p), autoescape=True) for p in scope.principals]
+    if scope.unassigned:
+        clauses.append(
+            and_(
+                verdict.contains('"approvers": []', autoescape=True),
+                or_(
+                    verdict.contains('"action": "hold"', autoescape=True),
+                    verdict.contains('"action": "delay"', autoescape=True),
+                ),
+            )
+        )
+    if scope.escalated_before is not None:
+        clauses.append(
+            and_(
+                verdict.contains('"action": "hold"', autoescape=True),
+                Message.created_at <= scope.escalated_before,
+            )
+        )
+    return or_(*clauses) if clauses else false()
+
+
+def _filter_clauses(filters: Filters) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filters.state is not None:
+        clauses.append(Message.state == filters.state)
+    if filters.sender is not None:
+        clauses.append(
+            or_(
+                Message.sender_user == filters.sender,
+                func.lower(Message.mail_from) == filters.sender.lower(),
+            )
+        )
+    if filters.recipient_domain is not None:
+        clauses.append(
+            select(Recipient.id)
+            .where(
+                Recipient.message_id == Message.id,
+                Recipient.domain == filters.recipient_domain.lower(),
+            )
+            .exists()
+        )
+    if filters.rule is not None:
+        clauses.append(Message.rule == filters.rule)
+    if filters.since is not None:
+        clauses.append(Message.created_at >= filters.since)
+    if filters.until is not None:
+        clauses.append(Message.created_at < filters.until)
+    return clauses
+
+
+async def page_of_messages(
+    session: AsyncSession, filters: Filters, scope: Scope, *, after: str | None, limit: int
+) -> Sequence[Message]:
+    """Oldest first, by id (ids sort by time), starting after the cursor `after`."""
+    query = select(Message).where(_scope_clause(scope), *_filter_clauses(filters))
+    if after is not None:
+        query = query.where(Message.id > after)
+    return (await session.scalars(query.order_by(Message.id).limit(limit))).all()
+
+
+async def get_message(session: AsyncSession, message_id: str) -> Message | None:
+    return await session.get(Message, message_id)
+
+
+async def lock_message(session: AsyncSession, message_id: str) -> Message | None:
+    """The message row, locked until the transaction ends (`FOR UPDATE` on PostgreSQL;
+    on SQLite the store's write lock already serialises writers). Read fresh, so a
+    decision committed by another instance while we waited is seen."""
+    return await session.scalar(
+        select(Message)
+        .where(Message.id == message_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+async def recipients_of(
+    session: AsyncSession, message_ids: Sequence[str]
+) -> dict[str, list[Recipient]]:
+    found: dict[str, list[Recipient]] = defaultdict(list)
+    if not message_ids:
+        return found
+    rows = await session.scalars(
+        select(Recipient).where(Recipient.message_id.in_(message_ids)).order_by(Recipient.id)
+    )
+    for recipient in rows:
+        found[recipient.message_id].append(recipient)
+    return found
+
+
+async def decisions_of(
+    session: AsyncSession, message_ids: Sequence[str]
+) -> dict[str, list[Approval]]:
+    found: dict[str, list[Approval]] = defaultdict(list)
+    if not message_ids:
+        return found
+    rows = await session.scalars(
+        select(Approval).where(Approval.message_id.in_(message_ids)).order_by(Approval.id)
+    )
+    for approval in rows:
+        found[approval.message_id].append(approval)
+    return found
+
+
+async def record_decision(
+    session: AsyncSession,
+    message_id: str,
+    *,
+    user: str,
+    decision: str,
+    comment: str | None,
+    now: datetime,
+) -> Approval:
+    approval = Approval(
+        message_id=message_id, user=user, decision=decision, comment=comment, at=now
+    )
+    session.add(approval)
+    await session.flush()
+    return approval
+
+
+async def end_message(
+    session: AsyncSession, message: Message, target: MessageState, now: datetime
+) -> None:
+    """Held or delayed → rejected, cancelled or expired: nobody will receive it."""
+    message.state = check_message(message.state, target)
+    message.updated_at = message.finished_at = now
+    await session.execute(
+        update(Recipient)
+        .where(Recipient.message_id == message.id, Recipient.state == RecipientState.WAITING)
+        .values(state=RecipientState.CANCELLED, updated_at=now, finished_at=now)
+    )
+
+
+async def expired_holds(session: AsyncSession, now: datetime, limit: int = 100) -> list[str]:
+    rows = await session.scalars(
+        select(Message.id)
+        .where(Message.state == MessageState.HELD, Message.release_at <= now)
+        .order_by(Message.release_at)
+        .limit(limit)
+    )
+    return list(rows.all())
