@@ -49,8 +49,9 @@ class Budget:
     remaining: int = MAX_TOTAL_TEXT
     cut: list[str] = field(default_factory=list)
 
-    def take(self, text: str, where: str) -> str:
-        limit = min(MAX_PART_TEXT, self.remaining)
+    def take(self, text: str, where: str, part_left: int = MAX_PART_TEXT) -> str:
+        """`text` cut to what the message and the part (`part_left`) may still add."""
+        limit = max(0, min(part_left, self.remaining))
         if len(text) > limit:
             self.cut.append(f"{where}: text beyond {limit} characters not inspected")
             text = text[:limit]
@@ -117,16 +118,18 @@ def xml_text(xml: str) -> str:
 def _ooxml(data: bytes, kind: FileType, where: str, budget: Budget) -> Contents:
     wanted = _OOXML_PARTS[kind]
     chunks: list[str] = []
+    part_left = MAX_PART_TEXT  # shared by all the document's members
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             for info in sorted(archive.infolist(), key=_reading_order):
                 if info.filename != _CORE_PROPS and not wanted.fullmatch(info.filename):
                     continue
-                if budget.remaining <= 0:
+                if min(budget.remaining, part_left) <= 0:
                     budget.cut.append(f"{where}: {info.filename} not read (text budget spent)")
-                    break
+                    continue
                 xml = _read_member(archive, info, where, budget)
-                chunks.append(budget.take(xml_text(xml), where))
+                chunks.append(budget.take(xml_text(xml), f"{where} › {info.filename}", part_left))
+                part_left -= len(chunks[-1])
     except _ZIP_ERRORS as error:
         budget.cut.append(f"{where}: unreadable {kind.value} ({type(error).__name__})")
     return Contents(text="\n".join(chunks))

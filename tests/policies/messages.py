@@ -132,7 +132,7 @@ def forwarded(inner: bytes, note: str = "FYI, forwarding") -> bytes:
 
 # Files ---------------------------------------------------------------------------
 
-def _ooxml(members: dict[str, str]) -> bytes:
+def ooxml(members: dict[str, str]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
@@ -143,7 +143,7 @@ def _ooxml(members: dict[str, str]) -> bytes:
 
 def xlsx(cells: list[str]) -> bytes:
     items = "".join(f"<si><t>{c}</t></si>" for c in cells)
-    return _ooxml({
+    return ooxml({
         "xl/workbook.xml": "<workbook/>",
         "xl/sharedStrings.xml": f'<sst count="{len(cells)}">{items}</sst>',
         "xl/worksheets/sheet1.xml": "<worksheet><sheetData/></worksheet>",
@@ -157,13 +157,13 @@ def docx(paragraphs: list[str]) -> bytes:
         f"<w:r><w:t>{p[len(p) // 2 :]}</w:t></w:r></w:p>"
         for p in paragraphs
     )
-    return _ooxml({"word/document.xml": f"<w:document><w:body>{body}</w:body></w:document>"})
+    return ooxml({"word/document.xml": f"<w:document><w:body>{body}</w:body></w:document>"})
 
 
 def pptx(texts: list[str]) -> bytes:
     runs = "".join(f"<a:p><a:r><a:t>{t}</a:t></a:r></a:p>" for t in texts)
     slide = f"<p:sld>{runs}</p:sld>"
-    return _ooxml({"ppt/presentation.xml": "<p/>", "ppt/slides/slide1.xml": slide})
+    return ooxml({"ppt/presentation.xml": "<p/>", "ppt/slides/slide1.xml": slide})
 
 
 class _Cp932Name(zipfile.ZipInfo):

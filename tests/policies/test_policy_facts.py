@@ -13,6 +13,7 @@ from messages import (
     encrypted_zip,
     forwarded,
     html_inline_image_and_xlsx,
+    ooxml,
     outlook_iso2022jp,
     pdf,
     plain,
@@ -219,3 +220,17 @@ def test_fast_base64_decoding_equals_the_email_package(body: str) -> None:
            f"\r\n{body}").encode()
     part = parse(raw)
     assert decoded_payload(part) == part.get_payload(decode=True)
+
+
+def test_shared_strings_are_read_before_a_sheet_that_spends_the_budget(
+    book_policy: Policy,
+) -> None:
+    # Excel writes sharedStrings.xml after the sheets; typed numbers live there.
+    filler = "<row><c t=\"inlineStr\"><is><t>" + "x" * 500_000 + "</t></is></c></row>"
+    workbook = ooxml({
+        "xl/worksheets/sheet1.xml": f"<worksheet><sheetData>{filler}</sheetData></worksheet>",
+        "xl/sharedStrings.xml": "<sst><si><t>個人番号 123456789018</t></si></sst>",
+    })
+    facts = facts_of(simple("", [("big.xlsx", workbook, XLSX_TYPE)]), book_policy)
+    assert [f.masked for f in only(facts).pii] == ["**** **** 9018"]
+    assert any("sheet1.xml" in reason for reason in facts.not_fully_inspected)
