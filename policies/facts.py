@@ -148,7 +148,7 @@ def _body_text(leaves: Sequence[LeafPart]) -> str:
     """
     texts = []
     for leaf in leaves:
-        kind = leaf.part.get_content_type()
+        kind = leaf.content_type
         if kind in ("text/plain", "text/html"):
             text = _decoded_text(leaf.part)
             texts.append(html_to_text(text) if kind == "text/html" else text)
@@ -161,8 +161,8 @@ def _decoded_text(part: Message) -> str:
 
 def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> AttachmentFacts:
     part, name = found.part, found.filename
-    declared = part.get_content_type()
-    data, size = _payload(part)
+    declared = found.content_type
+    data, size = _payload(part, declared)
     extension = extension_of(name)
     kind = FileType.EML if declared == "message/rfc822" else detect_type(data, extension, declared)
     inner = contents(data, kind, part.get_content_charset(), name or declared, budget)
@@ -174,8 +174,8 @@ def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> Attachment
     )
 
 
-def _payload(part: Message) -> tuple[bytes, int]:
-    if part.get_content_type() == "message/rfc822":
+def _payload(part: Message, declared: str) -> tuple[bytes, int]:
+    if declared == "message/rfc822":
         # The inner message's own parts are walked separately; here only its size.
         return b"", _message_size(part)
     data = decoded_payload(part)

@@ -76,6 +76,7 @@ class LeafPart:
     attachment: bool
     depth: int
     inside_message: bool
+    content_type: str  # part.get_content_type(), read once
 
 
 def walk_attachments(
@@ -111,10 +112,11 @@ def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterat
     if depth > limits.max_depth:
         limits.exceeded = limits.exceeded or f"nested deeper than {limits.max_depth}"
         return
-    if part.get_content_type() == "message/rfc822":
+    content_type = part.get_content_type()
+    if content_type == "message/rfc822":
         name = filename_of(part)
         if _declared_attachment(part, name):
-            yield LeafPart(part, name, True, depth, inside)
+            yield LeafPart(part, name, True, depth, inside, content_type)
         payload = part.get_payload()
         inner = payload if isinstance(payload, list) else [payload]
         for sub in inner:
@@ -129,7 +131,7 @@ def _walk(part: Message, depth: int, inside: bool, limits: WalkLimits) -> Iterat
                     yield from _walk(sub, depth + 1, inside, limits)
         return
     name = filename_of(part)
-    yield LeafPart(part, name, _declared_attachment(part, name), depth, inside)
+    yield LeafPart(part, name, _declared_attachment(part, name), depth, inside, content_type)
 
 
 def filename_of(part: Message) -> str | None:
@@ -205,10 +207,11 @@ def decoded_payload(part: Message) -> bytes:
     attachment. Like the email package, characters outside the alphabet are ignored;
     anything the fast path cannot decode goes to the email package.
     """
-    payload = part.get_payload()
-    if isinstance(payload, str) and _transfer_encoding(part) == "base64":
+    if _transfer_encoding(part) == "base64":
+        payload = part.get_payload()
         try:
-            return binascii.a2b_base64(payload.encode("ascii", "surrogateescape"))
+            if isinstance(payload, str):
+                return binascii.a2b_base64(payload.encode("ascii", "surrogateescape"))
         except (binascii.Error, UnicodeEncodeError):
             pass
     data = part.get_payload(decode=True)
@@ -216,5 +219,8 @@ def decoded_payload(part: Message) -> bytes:
 
 
 def _transfer_encoding(part: Message) -> str:
-    value = part.get("content-transfer-encoding")
-    return str(value).strip().lower() if value is not None else ""
+    """The raw header value: parsing it through the header registry costs more."""
+    for name, value in part.raw_items():
+        if name.lower() == "content-transfer-encoding":
+            return str(value).strip().lower()
+    return ""

@@ -215,9 +215,10 @@ def test_xlsx_attachment_declared_type_is_kept(book_policy: Policy) -> None:
         "",
     ],
 )
-def test_fast_base64_decoding_equals_the_email_package(body: str) -> None:
-    raw = (f"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
-           f"\r\n{body}").encode()
+@pytest.mark.parametrize("encoding", ["base64", "BASE64 ", "8bit", "quoted-printable"])
+def test_fast_decoding_equals_the_email_package(body: str, encoding: str) -> None:
+    raw = (f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: {encoding}"
+           f"\r\n\r\n{body}\r\nおしまい=E3=81=82").encode()
     part = parse(raw)
     assert decoded_payload(part) == part.get_payload(decode=True)
 
