@@ -98,9 +98,7 @@ def inspect(
         known = frozenset(d.lower() for d in known_domains)
         traces = [evaluate(rule, facts, known) for rule in policy.rules]
         verdict = combine(policy.rules, traces)
-    except Exception as error:  # fail closed: hold, never deliver unprotected
-        verdict = Verdict.policy_error(error)
-    except RecursionError as error:  # pathological nesting the parser could not bound
+    except Exception as error:  # fail closed (RecursionError and MemoryError included)
         verdict = Verdict.policy_error(error)
     if facts is None:
         return Inspection(verdict)
