@@ -420,6 +420,8 @@ def _unique(names: Any) -> tuple[str, ...]:
 
 def _already(message: Message, decisions: Sequence[Approval]) -> str:
     """The 409 text: what happened and who did it first."""
+    if message.state is MessageState.DELAYED:
+        return "the message is delayed, not held: it needs no approval (see release-now)"
     by = {
         MessageState.REJECTED: [d for d in decisions if d.decision == qa.REJECT],
         MessageState.EXPIRED: [],

@@ -282,8 +282,8 @@ async def test_list_filters_and_cursor_pages_oldest_first(tmp_path: Path, sqlite
             second = (
                 await http.get("/messages", params={"limit": 2, "cursor": first["next_cursor"]})
             ).json()
-            globex = (await http.get("/messages", params={"recipient_domain": "globex.example"}))
-            held = (await http.get("/messages", params={"state": "held", "rule": "hold-all"}))
+            globex = await http.get("/messages", params={"recipient_domain": "globex.example"})
+            held = await http.get("/messages", params={"state": "held", "rule": "hold-all"})
             queued = (await http.get("/messages", params={"state": "queued"})).json()
             by_sender = await http.get("/messages", params={"sender": "ALICE@example.com"})
     assert [m["id"] for m in first["items"]] == ids[:2]

@@ -166,9 +166,7 @@ async def test_two_approvers_at_once_release_the_message_once(
         answers = []
         for message_id in held:
             answers.append(
-                await asyncio.gather(
-                    *(c.post(f"/messages/{message_id}/approve") for c in clients)
-                )
+                await asyncio.gather(*(c.post(f"/messages/{message_id}/approve") for c in clients))
             )
         for c in clients:
             await c.aclose()
