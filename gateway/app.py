@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway.approvals import expiry_loop
 from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError, load_config
 from gateway.credentials import Credentials
@@ -84,7 +85,11 @@ class Gateway:
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
         protector = Protector(
-            self.store, self.audit, self.config, self.policy.current, self.clock,
+            self.store,
+            self.audit,
+            self.config,
+            self.policy.current,
+            self.clock,
             wake=lambda: self.delivery.wake() if self.delivery else None,
         )
         self.delivery = Delivery(
@@ -112,6 +117,17 @@ class Gateway:
         self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
         self.smtp_port = self._smtp.sockets[0].getsockname()[1]
         self._spawn(self.delivery.run(), "delivery")
+        # Holds expire from the store's timestamps, so expiry survives restarts.
+        self._spawn(
+            expiry_loop(
+                self.store,
+                self.config.approval,
+                self.clock,
+                audit=self.audit,
+                wake=self.delivery.wake,
+            ),
+            "expiry",
+        )
         self._spawn(self._refresh_credentials(), "credentials")
         await self._start_http()
         self.audit.emit(
@@ -155,7 +171,13 @@ class Gateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.store, config=self.config, audit=self.audit, clock=self.clock, wake=self.delivery.wake if self.delivery else None)  # noqa: E501
+        app = create_app(
+            self.store,
+            config=self.config,
+            audit=self.audit,
+            clock=self.clock,
+            wake=self.delivery.wake if self.delivery else None,
+        )
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _QuietServer(config)
         self._spawn(self._http.serve(sockets=[sock]), "http")
