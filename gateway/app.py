@@ -28,6 +28,7 @@ from gateway.policy_source import PolicySource
 from gateway.protect import Protector
 from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
+from gateway.workflow_notices import WorkflowNotices
 from quarantine.db import Store
 from quarantine.migrate import SchemaStatus, schema_status, upgrade
 
@@ -102,6 +103,14 @@ class Gateway:
             reporting_host=self.config.smtp.hostname,
             prepare=protector.prepare,
         )
+        self.notices = WorkflowNotices(
+            self.store,
+            self.audit,
+            self.config,
+            self.credentials,
+            self.clock,
+            wake=self.delivery.wake,
+        )
         approval = self.config.approval
         intake = Intake(
             self.store,
@@ -111,6 +120,7 @@ class Gateway:
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
             on_queued=self.delivery.wake,
+            on_held=self.notices.held,
             known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
@@ -125,6 +135,7 @@ class Gateway:
                 self.clock,
                 audit=self.audit,
                 wake=self.delivery.wake,
+                on_decision=self.notices.decided,
             ),
             "expiry",
         )
@@ -177,6 +188,7 @@ class Gateway:
             audit=self.audit,
             clock=self.clock,
             wake=self.delivery.wake if self.delivery else None,
+            on_decision=self.notices.decided,
         )
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _QuietServer(config)

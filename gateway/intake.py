@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timedelta
 
 from gateway.audit import AuditLog
@@ -67,6 +68,7 @@ class Intake:
         hold_expiry: Callable[[datetime], datetime] | None = None,
         on_queued: Callable[[], None] | None = None,
         known_domains: Callable[[], frozenset[str]] = frozenset,
+        on_held: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
@@ -76,6 +78,7 @@ class Intake:
         self._hold_expiry = hold_expiry
         self._on_queued = on_queued
         self._known_domains = known_domains
+        self._on_held = on_held
 
     async def submit(self, submission: Submission) -> str:
         """Return the SMTP reply for one DATA. Never raises, never 250s a failure."""
@@ -144,6 +147,9 @@ class Intake:
         )
         if state is MessageState.QUEUED and self._on_queued is not None:
             self._on_queued()
+        if state is MessageState.HELD and self._on_held is not None:
+            # After the commit and off the reply's path: the 250 does not wait for it.
+            asyncio.get_running_loop().create_task(self._on_held(message_id))
         return f"250 2.0.0 Ok: queued as {message_id}"
 
     async def _inspect(self, data: bytes, envelope: Envelope, now: datetime) -> Inspection:
