@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.approvals import expiry_loop
+from gateway.approvals import OnDecision, expiry_loop
 from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError, load_config
 from gateway.credentials import Credentials
@@ -120,7 +120,7 @@ class Gateway:
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
             on_queued=self.delivery.wake,
-            on_held=self.notices.held,
+            on_held=self.notices.held if approval.notify_by_mail else None,
             known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
@@ -135,7 +135,7 @@ class Gateway:
                 self.clock,
                 audit=self.audit,
                 wake=self.delivery.wake,
-                on_decision=self.notices.decided,
+                on_decision=self._on_decision,
             ),
             "expiry",
         )
@@ -148,6 +148,10 @@ class Gateway:
             http=self.http_port,
             upstream=str(self.config.delivery.upstream),
         )
+
+    @property
+    def _on_decision(self) -> OnDecision | None:
+        return self.notices.decided if self.config.approval.notify_by_mail else None
 
     async def _check_schema(self) -> None:
         try:
@@ -192,7 +196,7 @@ class Gateway:
             audit=self.audit,
             clock=self.clock,
             wake=self.delivery.wake if self.delivery else None,
-            on_decision=self.notices.decided,
+            on_decision=self._on_decision,
         )
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _QuietServer(config)

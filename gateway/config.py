@@ -280,6 +280,7 @@ class ApprovalConfig(_Section):
     escalate_to: tuple[str, ...] = ()
     expire_after: Duration = timedelta(days=3)
     on_expire: OnExpire = OnExpire.REJECT
+    notify_by_mail: bool = True  # mail approvers about held mail, and senders about decisions
 
 
 class EncryptionConfig(_Section):

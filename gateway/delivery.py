@@ -177,11 +177,13 @@ class Delivery:
 
     async def _hold(self, claim: Claim, reason: str) -> None:
         async with self._store.transaction() as session:
-            held = await repo.hold_message(session, claim.message_id, "protection-failed",
-                                           self._clock())
+            held = await repo.hold_message(
+                session, claim.message_id, "protection-failed", self._clock()
+            )
         if held:
-            self._audit.emit("message.held", id=claim.message_id, rule="protection-failed",
-                             reason=reason[:300])
+            self._audit.emit(
+                "message.held", id=claim.message_id, rule="protection-failed", reason=reason[:300]
+            )
 
     async def _send(
         self, claim: Claim, recipients: Sequence[ClaimedRecipient], data: bytes

@@ -7,6 +7,7 @@ durable, retried and audited like any other mail, and never bounce.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -55,6 +56,7 @@ class WorkflowNotices:
         self._credentials = credentials
         self._clock = clock
         self._wake = wake
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def held(self, message_id: str) -> None:
         """Tell the deciders (by mail) and the sender that a message waits for a decision."""
@@ -99,7 +101,21 @@ class WorkflowNotices:
         self._wake()
 
     async def decided(self, decision: Decision) -> None:
-        """The `on_decision` hook: tell the sender what became of their message."""
+        """The `on_decision` hook: tell the sender what became of their message.
+
+        Queued in the background: the approver's answer does not wait for the notice.
+        """
+        task = asyncio.get_running_loop().create_task(self._decided(decision))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _decided(self, decision: Decision) -> None:
+        try:
+            await self._queue_decision(decision)
+        except Exception:
+            log.exception("could not queue the decision notice for %s", decision.message_id)
+
+    async def _queue_decision(self, decision: Decision) -> None:
         if decision.outcome == "cancelled":
             return  # the sender did it themselves
         ja, en = OUTCOMES.get(decision.outcome, (decision.outcome, decision.outcome))
