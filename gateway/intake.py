@@ -12,8 +12,8 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime, timedelta
+from typing import Any
 
 from gateway.audit import AuditLog
 from gateway.ids import new_id

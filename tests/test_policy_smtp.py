@@ -43,7 +43,15 @@ RULES = [
 
 
 def _config(tmp_path: Path, url: str, port: int) -> object:
-    return gateway_config(tmp_path, url, port, clients=CLIENTS, rules=RULES)  # type: ignore[arg-type]
+    # notices about held mail are tested in test_workflow_notices
+    return gateway_config(
+        tmp_path,
+        url,
+        port,
+        clients=CLIENTS,
+        rules=RULES,  # type: ignore[arg-type]
+        approval={"notify_by_mail": False},
+    )
 
 
 async def test_attachment_for_other_client_is_refused_with_the_rule_name(

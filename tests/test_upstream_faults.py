@@ -167,7 +167,10 @@ async def test_slow_upstream_does_not_make_queued_claims_expire_and_send_twice(
     # wait in the process while their lease ran out, be claimed again and go out twice.
     upstream.delay = 0.4
     config = gateway_config(
-        tmp_path, sqlite_url, upstream.port, delivery={"workers": 2, "connections": 2, "lease": "1s"}
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        delivery={"workers": 2, "connections": 2, "lease": "1s"},
     )
     async with running(config) as gw:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
