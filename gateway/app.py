@@ -75,6 +75,7 @@ class Gateway:
         self._smtp: asyncio.Server | None = None
         self._http: _QuietServer | None = None
         self.delivery: Delivery | None = None
+        self.intake: Intake | None = None
         self.smtp_port = 0
         self.http_port = 0
         self.stopped = asyncio.Event()
@@ -112,7 +113,7 @@ class Gateway:
             wake=self.delivery.wake,
         )
         approval = self.config.approval
-        intake = Intake(
+        self.intake = intake = Intake(
             self.store,
             self.audit,
             self.policy.current,
@@ -237,6 +238,8 @@ class Gateway:
         if self._smtp is not None:
             self._smtp.close()
             await self._wait_sessions(grace)
+        if self.intake is not None:
+            await self.intake.close()
         if self.delivery is not None:
             await self.delivery.stop(grace=min(grace, 10.0))
         if self._http is not None:

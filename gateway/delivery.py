@@ -140,6 +140,12 @@ class Delivery:
 
     async def _release_due_delays(self) -> None:
         now = self._clock()
+        # Look first with a read: most rounds find nothing, and a write transaction
+        # would queue behind intake on SQLite's single writer for no reason.
+        async with self._store.read() as session:
+            due = await repo.due_delays(session, now)
+        if not due:
+            return
         async with self._store.transaction() as session:
             for message_id in await repo.due_delays(session, now):
                 await repo.release_message(session, message_id, now)

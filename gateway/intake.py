@@ -16,12 +16,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.audit import AuditLog
+from gateway.committer import GroupCommitter
 from gateway.ids import new_id
 from policies.engine import Inspection, Policy, inspect
 from policies.envelope import Envelope
 from policies.verdict import Action
 from quarantine.db import Store
-from quarantine.repository import NewMessage, add_message
+from quarantine.repository import NewMessage
 from quarantine.states import MessageState
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Intake:
         on_held: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._store = store
+        self._committer = GroupCommitter(store)
         self._audit = audit
         self._policy = policy
         self._clock = clock
@@ -79,6 +81,9 @@ class Intake:
         self._on_queued = on_queued
         self._known_domains = known_domains
         self._on_held = on_held
+
+    async def close(self) -> None:
+        await self._committer.close()
 
     async def submit(self, submission: Submission) -> str:
         """Return the SMTP reply for one DATA. Never raises, never 250s a failure."""
@@ -114,26 +119,24 @@ class Intake:
             return self._refuse(submission, result)
         message_id = new_id()
         state, release_at = self._placement(result, now)
-        async with self._store.transaction() as session:
-            await add_message(
-                session,
-                NewMessage(
-                    id=message_id,
-                    mail_from=submission.mail_from,
-                    rcpt_tos=submission.rcpt_tos,
-                    raw=data,
-                    state=state,
-                    verdict=verdict.model_dump(mode="json"),
-                    subject=result.subject,
-                    rule=verdict.rule,
-                    attachments=[_attachment_json(a) for a in result.attachments],
-                    sender_user=submission.sender_user,
-                    client_address=submission.client_address,
-                    helo=submission.helo,
-                    release_at=release_at,
-                ),
-                now,
-            )
+        await self._committer.commit(
+            NewMessage(
+                id=message_id,
+                mail_from=submission.mail_from,
+                rcpt_tos=submission.rcpt_tos,
+                raw=data,
+                state=state,
+                verdict=verdict.model_dump(mode="json"),
+                subject=result.subject,
+                rule=verdict.rule,
+                attachments=[_attachment_json(a) for a in result.attachments],
+                sender_user=submission.sender_user,
+                client_address=submission.client_address,
+                helo=submission.helo,
+                release_at=release_at,
+            ),
+            now,
+        )
         self._audit.emit(
             "message.accepted",
             id=message_id,

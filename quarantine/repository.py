@@ -46,48 +46,58 @@ def domain_of(address: str) -> str:
 
 
 async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> None:
-    """Insert a message, its body and one row per recipient in the caller's transaction.
+    """Insert a message, its body and one row per recipient in the caller's transaction."""
+    await add_messages(session, [(new, now)])
 
-    Core inserts, in foreign-key order, in three statements whatever the recipient
-    count: this is the hot path of every accepted message.
-    """
+
+async def add_messages(session: AsyncSession, batch: Sequence[tuple[NewMessage, datetime]]) -> None:
+    """Insert several messages in three statements whatever their number and their
+    recipients': this is the hot path of every accepted message (group commit)."""
+    await session.execute(insert(Message), [_message_row(new, now) for new, now in batch])
+    await session.execute(
+        insert(Body), [{"message_id": new.id, "raw": new.raw} for new, _ in batch]
+    )
+    await session.execute(
+        insert(Recipient), [row for new, now in batch for row in _recipient_rows(new, now)]
+    )
+
+
+def _message_row(new: NewMessage, now: datetime) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "created_at": now,
+        "updated_at": now,
+        "state": new.state,
+        "kind": new.kind,
+        "mail_from": new.mail_from,
+        "sender_user": new.sender_user,
+        "client_address": new.client_address,
+        "helo": new.helo,
+        "subject": new.subject,
+        "size": len(new.raw),
+        "rule": new.rule,
+        "verdict": new.verdict,
+        "attachments": new.attachments,
+        "release_at": new.release_at,
+        "finished_at": None,
+    }
+
+
+def _recipient_rows(new: NewMessage, now: datetime) -> list[dict[str, Any]]:
     released = new.state is MessageState.QUEUED
-    await session.execute(
-        insert(Message).values(
-            id=new.id,
-            created_at=now,
-            updated_at=now,
-            state=new.state,
-            kind=new.kind,
-            mail_from=new.mail_from,
-            sender_user=new.sender_user,
-            client_address=new.client_address,
-            helo=new.helo,
-            subject=new.subject,
-            size=len(new.raw),
-            rule=new.rule,
-            verdict=new.verdict,
-            attachments=new.attachments,
-            release_at=new.release_at,
-        )
-    )
-    await session.execute(insert(Body).values(message_id=new.id, raw=new.raw))
-    await session.execute(
-        insert(Recipient),
-        [
-            dict(
-                message_id=new.id,
-                address=address,
-                domain=domain_of(address),
-                state=RecipientState.QUEUED if released else RecipientState.WAITING,
-                attempts=0,
-                next_attempt_at=now if released else None,
-                updated_at=now,
-                queued_at=now if released else None,
-            )
-            for address in new.rcpt_tos
-        ],
-    )
+    return [
+        {
+            "message_id": new.id,
+            "address": address,
+            "domain": domain_of(address),
+            "state": RecipientState.QUEUED if released else RecipientState.WAITING,
+            "attempts": 0,
+            "next_attempt_at": now if released else None,
+            "updated_at": now,
+            "queued_at": now if released else None,
+        }
+        for address in new.rcpt_tos
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +306,13 @@ async def hold_message(session: AsyncSession, message_id: str, reason: str, now:
     await session.execute(
         update(Recipient)
         .where(Recipient.message_id == message_id, Recipient.state.in_(DUE_RECIPIENT_STATES))
-        .values(state=RecipientState.WAITING, next_attempt_at=None, lease_owner=None,
-                lease_expires_at=None, updated_at=now)
+        .values(
+            state=RecipientState.WAITING,
+            next_attempt_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
     )
     return True
 

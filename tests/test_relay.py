@@ -142,7 +142,7 @@ async def test_store_failure_answers_451_and_the_next_message_succeeds(
     async with running(config) as gw:
         import quarantine.repository as repo
 
-        real = repo.add_message
+        real = repo.add_messages
         calls = {"n": 0}
 
         async def failing_once(*args: object, **kwargs: object) -> None:
@@ -151,7 +151,7 @@ async def test_store_failure_answers_451_and_the_next_message_succeeds(
             if calls["n"] == 1:
                 raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr("gateway.intake.add_message", failing_once)
+        monkeypatch.setattr("quarantine.repository.add_messages", failing_once)
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
         await client.connect()
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:

@@ -23,8 +23,10 @@ def upgrade() -> None:
         sa.Column("password", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["message_id"], ["messages.id"],
-            name=op.f("fk_message_keys_message_id_messages"), ondelete="CASCADE",
+            ["message_id"],
+            ["messages.id"],
+            name=op.f("fk_message_keys_message_id_messages"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("message_id", name=op.f("pk_message_keys")),
     )
