@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -78,6 +78,9 @@ class Delivery:
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(config.workers)
+        # Delay windows end on their own schedule: look for them once per poll
+        # interval, not on every claiming round.
+        self._next_delay_check = datetime.min.replace(tzinfo=UTC)
 
     def wake(self) -> None:
         self._wake.set()
@@ -100,7 +103,9 @@ class Delivery:
 
     async def run_once(self) -> int:
         """Claim what is due (up to the free worker slots), start sending it."""
-        await self._release_due_delays()
+        if self._clock() >= self._next_delay_check:
+            await self._release_due_delays()
+            self._next_delay_check = self._clock() + self._config.poll_interval
         free = self._config.workers - len(self._inflight)
         if free <= 0:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -160,8 +165,7 @@ class Delivery:
                 log.exception("delivery of %s failed unexpectedly", claim.message_id)
 
     async def deliver(self, claim: Claim) -> None:
-        async with self._store.read() as session:
-            raw = await repo.load_raw(session, claim.message_id)
+        raw = claim.raw
         if raw is None:
             failure: SmtpFailure = PermanentFailure("message body no longer stored", status="5.3.0")
             await self._record(claim, self._all(claim, failure))
