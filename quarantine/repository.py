@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quarantine.models import Body, Message, Recipient
@@ -187,15 +187,10 @@ async def claim_due(
     for rid, address, attempts, queued_at, domain, mid, mail_from, kind, created, verdict in rows:
         groups[(mid, domain)].append(ClaimedRecipient(rid, address, attempts, queued_at or created))
         messages[mid] = (mail_from, kind, created, verdict)
-    bodies = dict(
-        (
-            await session.execute(
-                select(Body.message_id, Body.raw).where(Body.message_id.in_(list(messages)))
-            )
-        )
-        .tuples()
-        .all()
+    found = await session.execute(
+        select(Body.message_id, Body.raw).where(Body.message_id.in_(list(messages)))
     )
+    bodies: dict[str, bytes | None] = {mid: raw for mid, raw in found}
     return [
         Claim(mid, *messages[mid], domain, tuple(rcpts), bodies.get(mid))
         for (mid, domain), rcpts in groups.items()
@@ -248,30 +243,38 @@ async def record_outcome(
 async def finish_messages(
     session: AsyncSession, message_ids: Iterable[str], now: datetime
 ) -> list[tuple[str, MessageState]]:
-    """Move queued messages whose recipients are all final to delivered or bounced."""
-    finished = []
-    for message_id in set(message_ids):
-        counts = dict(
-            (
-                await session.execute(
-                    select(Recipient.state, func.count())
-                    .where(Recipient.message_id == message_id)
-                    .group_by(Recipient.state)
-                )
-            ).all()
+    """Move queued messages whose recipients are all final to delivered (at least one
+    delivered) or bounced, in one statement, and say which moved."""
+    ids = list(set(message_ids))
+    if not ids:
+        return []
+    unfinished = (
+        select(Recipient.id)
+        .where(Recipient.message_id == Message.id, Recipient.state.not_in(FINAL_RECIPIENT_STATES))
+        .exists()
+    )
+    any_delivered = (
+        select(Recipient.id)
+        .where(Recipient.message_id == Message.id, Recipient.state == RecipientState.DELIVERED)
+        .exists()
+    )
+    # The table in states.py allows exactly these two moves out of QUEUED here.
+    check_message(MessageState.QUEUED, MessageState.DELIVERED)
+    check_message(MessageState.QUEUED, MessageState.BOUNCED)
+    result = await session.execute(
+        update(Message)
+        .where(Message.id.in_(ids), Message.state == MessageState.QUEUED, ~unfinished)
+        .values(
+            state=case(
+                (any_delivered, MessageState.DELIVERED.value), else_=MessageState.BOUNCED.value
+            ),
+            updated_at=now,
+            finished_at=now,
         )
-        if any(state not in FINAL_RECIPIENT_STATES for state in counts):
-            continue
-        message = await session.get(Message, message_id)
-        if message is None or message.state is not MessageState.QUEUED:
-            continue
-        target = (
-            MessageState.DELIVERED if counts.get(RecipientState.DELIVERED) else MessageState.BOUNCED
-        )
-        message.state = check_message(message.state, target)
-        message.updated_at = message.finished_at = now
-        finished.append((message_id, target))
-    return finished
+        .returning(Message.id, Message.state)
+        .execution_options(synchronize_session=False)
+    )
+    return [(mid, MessageState(state)) for mid, state in result.all()]
 
 
 async def return_leases(session: AsyncSession, owner: str) -> int:
