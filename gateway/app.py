@@ -82,7 +82,10 @@ class Gateway:
 
     async def start(self) -> None:
         await self._check_schema()
-        self.audit = AuditLog(self.config.audit.path, clock=self.clock)
+        instance = self.config.audit.instance or (
+            f"{socket.gethostname()}:{self.config.smtp.listen.port}"
+        )
+        self.audit = AuditLog(self.config.audit.path, clock=self.clock, instance=instance)
         await self.credentials.refresh()
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import IO, Any
 
 import structlog
 
+log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 # Keys that could carry a message body or a secret. A caller passing one is a bug:
 # the value is replaced rather than written, and the line says so.
@@ -78,18 +80,31 @@ class _LineWriter:
     info = msg
 
 
+Observer = Callable[[dict[str, Any]], None]
+
+
 class AuditLog:
-    def __init__(self, path: str, *, clock: Any = None) -> None:
-        self.path = path
+    """Appends chained lines; `instance` names this writer's chain.
+
+    Several gateways on one PostgreSQL each keep their own chain: every line carries
+    `instance`, `prev` links to the previous line of the same instance, and `verify`
+    follows each chain separately. They may share one file (each line is one
+    O_APPEND write) or use one file each with `{instance}` in `[audit].path`.
+    """
+
+    def __init__(self, path: str, *, clock: Any = None, instance: str | None = None) -> None:
+        self.instance = instance
+        self.path = path.replace("{instance}", _file_safe(instance or "default"))
         self._clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
-        if path == "-":
+        self._observers: list[Observer] = []
+        if self.path == "-":
             self._stream: IO[str] = sys.stdout
             prev = GENESIS
         else:
-            file = Path(path)
+            file = Path(self.path)
             file.parent.mkdir(parents=True, exist_ok=True)
-            prev = _resume(file)
+            prev = _resume(file, instance)
             self._stream = open(file, "a", encoding="utf-8")  # noqa: SIM115 - held for the process
         self._chain = _Chain(prev)
         self._logger = structlog.wrap_logger(
@@ -98,12 +113,23 @@ class AuditLog:
             cache_logger_on_first_use=True,
         )
 
+    def subscribe(self, observer: Observer) -> None:
+        """Call `observer` with every event written (metrics count steps this way)."""
+        self._observers.append(observer)
+
     def emit(
         self, event: str, *, id: str | None = None, actor: str = "system", **details: Any
     ) -> None:
         stamp = self._clock().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if self.instance is not None:
+            details["instance"] = self.instance
         with self._lock:
             self._logger.info(ts=stamp, event=event, id=id, actor=actor, **details)
+        for observer in self._observers:
+            try:
+                observer({"event": event, "id": id, "actor": actor, **details})
+            except Exception:
+                log.exception("audit observer failed for %s", event)
 
     def close(self) -> None:
         if self._stream is not sys.stdout:
@@ -111,8 +137,8 @@ class AuditLog:
             self._stream.close()
 
 
-def _resume(file: Path) -> str:
-    """Continue the chain from the last complete line; drop a torn tail from a crash.
+def _resume(file: Path, instance: str | None = None) -> str:
+    """Continue this instance's chain from its last complete line; drop a torn tail.
 
     A line is written with one write() call, so only a power cut can leave half of
     one. That half was never complete, so it held nothing anyone relied on.
@@ -121,21 +147,44 @@ def _resume(file: Path) -> str:
         return GENESIS
     with open(file, "rb+") as handle:
         size = handle.seek(0, os.SEEK_END)
-        tail = b""
-        position = size
-        while position > 0 and tail.count(b"\n") < 2:
-            step = min(65536, position)
-            position -= step
-            handle.seek(position)
-            tail = handle.read(step) + tail
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n") + 1
-            handle.truncate(position + cut)
-            tail = tail[:cut]
-        lines = tail.rstrip(b"\n").split(b"\n")
-        if not lines or not lines[-1]:
-            return GENESIS
-        return str(json.loads(lines[-1])["hash"])
+        _trim_torn_tail(handle, size)
+        for raw in _lines_backwards(handle):
+            try:
+                entry = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("instance") == instance:
+                return str(entry["hash"])
+    return GENESIS
+
+
+def _trim_torn_tail(handle: IO[bytes], size: int) -> None:
+    start = max(0, size - 65536)
+    handle.seek(start)
+    tail = handle.read()
+    if tail and not tail.endswith(b"\n"):
+        handle.truncate(start + tail.rfind(b"\n") + 1)
+
+
+def _lines_backwards(handle: IO[bytes], chunk: int = 65536) -> Iterator[bytes]:
+    position = handle.seek(0, os.SEEK_END)
+    rest = b""
+    while position > 0:
+        step = min(chunk, position)
+        position -= step
+        handle.seek(position)
+        block = handle.read(step) + rest
+        lines = block.split(b"\n")
+        rest = lines[0]
+        for line in reversed(lines[1:]):
+            if line:
+                yield line
+    if rest:
+        yield rest
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +199,7 @@ class Verification:
 
 
 def verify(path: str) -> Verification:
-    prev = GENESIS
+    prevs: dict[str | None, str] = {}
     count = 0
     for number, raw in _lines(path):
         count = number
@@ -161,11 +210,16 @@ def verify(path: str) -> Verification:
         if not isinstance(entry, dict) or "hash" not in entry:
             return Verification(count, number, "no hash")
         claimed = entry.pop("hash")
-        if entry.get("prev") != prev:
-            return Verification(count, number, "prev does not match the line before")
+        chain = entry.get("instance")
+        if entry.get("prev") != prevs.get(chain, GENESIS):
+            return Verification(
+                count,
+                number,
+                "prev does not match the line before" + (f" of instance {chain}" if chain else ""),
+            )
         if line_hash(entry) != claimed:
             return Verification(count, number, "hash does not match the line's content")
-        prev = claimed
+        prevs[chain] = claimed
     return Verification(count)
 
 

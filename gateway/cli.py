@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import glob
 import json
 import logging
 import sys
@@ -440,16 +441,24 @@ def _audit_verify(args: argparse.Namespace) -> int:
     path = args.path or load_config(args.config).audit.path
     if path == "-":
         raise SystemExit("the audit log goes to stdout ([audit].path = '-'); give --path")
-    try:
-        result = verify(path)
-    except OSError as error:
-        print(f"cannot read {path}: {error.strerror}", file=sys.stderr)
+    paths = sorted(glob.glob(path.replace("{instance}", "*"))) if "{instance}" in path else [path]
+    if not paths:
+        print(f"no audit log matches {path}", file=sys.stderr)
         return 1
-    if result.ok:
-        print(f"ok: {result.lines} lines, chain intact")
-        return 0
-    print(f"broken at line {result.broken_at}: {result.reason}", file=sys.stderr)
-    return 1
+    failed = 0
+    for one in paths:
+        try:
+            result = verify(one)
+        except OSError as error:
+            print(f"cannot read {one}: {error.strerror}", file=sys.stderr)
+            failed += 1
+            continue
+        if result.ok:
+            print(f"ok: {result.lines} lines, every chain intact ({one})")
+        else:
+            print(f"{one}: broken at line {result.broken_at}: {result.reason}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def _tls_commands(sub: Any) -> None:

@@ -255,7 +255,8 @@ class AdminConfig(_Section):
 
 
 class AuditConfig(_Section):
-    path: str = "var/audit.log"
+    path: str = "var/audit.log"  # may contain {instance}: one file per instance
+    instance: str | None = None  # this writer's chain; default "<hostname>:<smtp port>"
 
     @field_validator("path")
     @classmethod
