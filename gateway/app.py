@@ -24,6 +24,7 @@ from gateway.delivery import Delivery
 from gateway.http_api import create_app
 from gateway.intake import Intake
 from gateway.known_domains import KnownDomains
+from gateway.metrics import Metrics
 from gateway.policy_source import PolicySource
 from gateway.protect import Protector
 from gateway.smtp_in import Counters, Handler, start_smtp
@@ -82,10 +83,12 @@ class Gateway:
 
     async def start(self) -> None:
         await self._check_schema()
+        self.metrics = Metrics(self.store, self.clock, lambda: self.counters.active)
         instance = self.config.audit.instance or (
             f"{socket.gethostname()}:{self.config.smtp.listen.port}"
         )
         self.audit = AuditLog(self.config.audit.path, clock=self.clock, instance=instance)
+        self.audit.subscribe(self.metrics.observe)
         await self.credentials.refresh()
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
@@ -201,6 +204,7 @@ class Gateway:
             clock=self.clock,
             wake=self.delivery.wake if self.delivery else None,
             on_decision=self._on_decision,
+            metrics=self.metrics,
         )
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._http = _QuietServer(config)

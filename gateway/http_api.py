@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import text
 
 from gateway.api import audit as audit_routes
@@ -18,7 +16,7 @@ from gateway.api.auth import Authenticator
 from gateway.approvals import ApprovalError, Approvals, OnDecision
 from gateway.audit import AuditLog
 from gateway.config import Config
-from quarantine import repository as repo
+from gateway.metrics import Metrics
 from quarantine.db import Store
 
 log = logging.getLogger(__name__)
@@ -36,6 +34,7 @@ def create_app(
     clock: Callable[[], datetime] = _utcnow,
     wake: Callable[[], None] | None = None,
     on_decision: OnDecision | None = None,
+    metrics: Metrics | None = None,
     version: str = "0.1.0",
 ) -> FastAPI:
     """`wake` tells delivery a message was released; `on_decision` is the hook for
@@ -49,10 +48,7 @@ def create_app(
         docs_url="/api/v1/docs",
         redoc_url=None,
     )
-    registry = CollectorRegistry()
-    depth = Gauge(
-        "sekisho_messages", "Messages in the store by state", ["state"], registry=registry
-    )
+    metrics = metrics or Metrics(store, clock)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
@@ -72,13 +68,10 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", tags=["operations"])
-    async def metrics() -> Response:
-        """Prometheus text format."""
-        async with store.read() as session:
-            counts: dict[str, Any] = await repo.queue_depth(session)
-        for state, count in counts.items():
-            depth.labels(state=state).set(count)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus() -> Response:
+        """Prometheus text format: queue depth, deliveries by reply class, verdicts by
+        rule, SMTP sessions and refusals, held waits, store latency."""
+        return Response(await metrics.render(), media_type=metrics.content_type)
 
     _add_api(app, store, config, audit, clock, wake, on_decision)
     return app

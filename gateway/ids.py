@@ -26,3 +26,13 @@ def new_id(now_ms: int | None = None) -> str:
 
 def is_valid_id(text: str) -> bool:
     return len(text) == 22 and all(c in _ALPHABET for c in text)
+
+
+def created_ms(message_id: str) -> int | None:
+    """The millisecond timestamp a message id was minted at, or None for a foreign id."""
+    if not is_valid_id(message_id):
+        return None
+    value = 0
+    for char in message_id:
+        value = value * 32 + _ALPHABET.index(char)
+    return value >> 62
