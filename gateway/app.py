@@ -27,6 +27,7 @@ from gateway.known_domains import KnownDomains
 from gateway.metrics import Metrics
 from gateway.policy_source import PolicySource
 from gateway.protect import Protector
+from gateway.retention import retention_loop
 from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
 from gateway.workflow_notices import WorkflowNotices
@@ -147,6 +148,11 @@ class Gateway:
             "expiry",
         )
         self._spawn(self._refresh_credentials(), "credentials")
+        if self.config.store.keep_bodies is not None:
+            self._spawn(
+                retention_loop(self.store, self.config.store.keep_bodies, self.clock, self.audit),
+                "retention",
+            )
         await self._start_http()
         self.audit.emit(
             "gateway.started",

@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         _check_config,
     )
     command("migrate", "Upgrade the database schema to this release.", _migrate)
+    purge = command(
+        "purge",
+        "Purge message bodies of finished mail older than "
+        "[store].keep_bodies (metadata and audit are kept).",
+        _purge,
+    )
+    purge.add_argument("--dry-run", action="store_true", help="only say what would go")
+    purge.add_argument(
+        "--older-than", metavar="DURATION", help="override [store].keep_bodies, e.g. 30d"
+    )
     _policy_commands(sub, command)
     _user_commands(sub)
     _audit_commands(sub)
@@ -148,6 +158,35 @@ def _known_groups(config: Config) -> set[str] | None:
             return None
         finally:
             await store.close()
+
+    return run_async(go())
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from gateway.retention import purge
+    from policies.units import parse_duration
+    from quarantine.db import Store
+
+    config = load_config(args.config)
+    try:
+        keep = parse_duration(args.older_than) if args.older_than else config.store.keep_bodies
+    except ValueError as error:
+        raise SystemExit(f"--older-than: {error}") from None
+    if keep is None:
+        raise SystemExit("no retention set: give --older-than or set [store].keep_bodies")
+
+    async def go() -> int:
+        store = Store(config.store.url)
+        try:
+            report = await purge(store, datetime.now(UTC), keep, dry_run=args.dry_run)
+        finally:
+            await store.close()
+        verb = "would purge" if args.dry_run else "purged"
+        print(
+            f"{verb} {report.bodies} message bodies ({report.bytes} bytes) and "
+            f"{report.keys} ZIP passwords of mail finished more than {keep} ago"
+        )
+        return 0
 
     return run_async(go())
 
