@@ -190,3 +190,9 @@ def test_shipped_examples_are_valid_when_uncommented(tmp_path: Path) -> None:
     from policies.config import When
     for condition in When.model_fields:
         assert f"when.{condition}" in uncommented, condition
+
+
+def test_deployment_example_config_is_valid() -> None:
+    example = SHIPPED.parent / "deploy" / "gateway.toml"
+    result = sekisho("check-config", "--config", str(example))
+    assert result.returncode == 0, result.stderr
