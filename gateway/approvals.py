@@ -330,20 +330,20 @@ class Approvals:
             if is_sender(user, message):
                 raise Forbidden("four-eyes: you sent this message, so another approver must decide")
             self._check_role(user, "approve")
-            decisions = (await qa.decisions_of(session, [message_id]))[message_id]
-            approvers = _unique(d.user for d in decisions if d.decision == qa.APPROVE)
+            votes = await qa.votes_of(session, message_id)
+            approvers = _unique(v.user for v in votes if v.decision == qa.APPROVE)
             needed = needed_approvals(message)
             if user.name in approvers:
                 return Result(message_id, message.state, len(approvers), needed, already=True)
             if message.state is not MessageState.HELD:
-                raise Conflict(_already(message, decisions))
-            await qa.record_decision(
+                raise Conflict(_already(message, votes))
+            await qa.add_vote(
                 session, message_id, user=user.name, decision=qa.APPROVE, comment=comment, now=now
             )
             approvers = (*approvers, user.name)
             released = len(approvers) >= needed
             if released:
-                await repo.release_message(session, message_id, now)
+                await qa.release_locked(session, message, now)
         self._emit("message.approved", message_id, user, approvals=len(approvers), needed=needed)
         if released:
             await self._released(message_id, user.name, "approved")
@@ -355,10 +355,9 @@ class Approvals:
         async with self._store.transaction() as session:
             message = self._check_visible(user, await qa.lock_message(session, message_id))
             self._check_role(user, "reject")
-            decisions = (await qa.decisions_of(session, [message_id]))[message_id]
             if message.state is not MessageState.HELD:
-                raise Conflict(_already(message, decisions))
-            await qa.record_decision(
+                raise Conflict(_already(message, await qa.votes_of(session, message_id)))
+            await qa.add_vote(
                 session, message_id, user=user.name, decision=qa.REJECT, comment=reason, now=now
             )
             await qa.end_message(session, message, MessageState.REJECTED, now)
@@ -391,7 +390,7 @@ class Approvals:
                     f"only a delayed message can be released now; it is {message.state}"
                     + ("; approve it instead" if message.state is MessageState.HELD else "")
                 )
-            await repo.release_message(session, message_id, now)
+            await qa.release_locked(session, message, now)
         await self._released(message_id, user.name, "released-now")
         return Result(message_id, MessageState.QUEUED, 0, 1, released=True)
 
@@ -418,14 +417,14 @@ def _unique(names: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _already(message: Message, decisions: Sequence[Approval]) -> str:
+def _already(message: Message, votes: Sequence[qa.Vote]) -> str:
     """The 409 text: what happened and who did it first."""
     if message.state is MessageState.DELAYED:
         return "the message is delayed, not held: it needs no approval (see release-now)"
     by = {
-        MessageState.REJECTED: [d for d in decisions if d.decision == qa.REJECT],
+        MessageState.REJECTED: [v for v in votes if v.decision == qa.REJECT],
         MessageState.EXPIRED: [],
-    }.get(message.state, [d for d in decisions if d.decision == qa.APPROVE])
+    }.get(message.state, [v for v in votes if v.decision == qa.APPROVE])
     who = ", ".join(f"{d.user} at {d.at.isoformat()}" for d in by)
     return f"the message is already {message.state}" + (f" (by {who})" if who else "")
 

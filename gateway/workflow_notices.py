@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select
 
 from gateway.approvals import Decision, deciders
 from gateway.audit import AuditLog
@@ -40,7 +41,20 @@ OUTCOMES = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One notice built and ready to store: the mail, and what it is about."""
+
+    new: NewMessage
+    original: str
+
+
 class WorkflowNotices:
+    """Notices are built before the write transaction and stored in one: on SQLite
+    the write lock is shared with approvals and delivery, so it is held only for the
+    inserts. Decision notices are queued in the background and grouped: decisions
+    made while one group is being stored go out together in the next."""
+
     def __init__(
         self,
         store: Store,
@@ -56,7 +70,8 @@ class WorkflowNotices:
         self._credentials = credentials
         self._clock = clock
         self._wake = wake
-        self._pending: set[asyncio.Task[None]] = set()
+        self._decisions: list[Decision] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     async def held(self, message_id: str) -> None:
         """Tell the deciders (by mail) and the sender that a message waits for a decision."""
@@ -67,17 +82,16 @@ class WorkflowNotices:
 
     async def _held(self, message_id: str) -> None:
         now = self._clock()
-        async with self._store.transaction() as session:
-            message = await session.get(Message, message_id)
-            if message is None or message.state is not MessageState.HELD:
-                return
-            who = deciders(message, self._config.approval, now)
-            link = f"{self._config.admin.public_url.rstrip('/')}/api/v1/messages/{message_id}"
-            reason = str(message.verdict.get("reason") or message.rule or "")
-            approvers = self._addresses(who)
-            if approvers:
-                await self._queue(
-                    session,
+        message = await self._load(message_id)
+        if message is None or message.state is not MessageState.HELD:
+            return
+        who = deciders(message, self._config.approval, now)
+        reason = str(message.verdict.get("reason") or message.rule or "")
+        notices = []
+        approvers = self._addresses(who)
+        if approvers:
+            notices.append(
+                self._build(
                     approvers,
                     message,
                     now,
@@ -85,11 +99,12 @@ class WorkflowNotices:
                     f"送信者 / From: {message.mail_from}\n"
                     f"件名 / Subject: {message.subject or ''}\n"
                     f"理由 / Held by: {message.rule}: {reason}\n\n"
-                    f"確認と承認 / Review and approve:\n{link}\n",
+                    f"確認と承認 / Review and approve:\n{self._link(message_id)}\n",
                 )
-            if message.mail_from and message.kind == "message":
-                await self._queue(
-                    session,
+            )
+        if message.mail_from and message.kind == "message":
+            notices.append(
+                self._build(
                     [message.mail_from],
                     message,
                     now,
@@ -98,43 +113,66 @@ class WorkflowNotices:
                     f"理由 / Why: {message.rule}: {reason}\n"
                     f"承認者 / Decided by: {', '.join(who) or '-'}\n",
                 )
-        self._wake()
+            )
+        await self._store_all(notices, now)
 
-    async def decided(self, decision: Decision) -> None:
+    def decided(self, decision: Decision) -> None:
         """The `on_decision` hook: tell the sender what became of their message.
 
         Queued in the background: the approver's answer does not wait for the notice.
         """
-        task = asyncio.get_running_loop().create_task(self._decided(decision))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._decisions.append(decision)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
-    async def _decided(self, decision: Decision) -> None:
-        try:
-            await self._queue_decision(decision)
-        except Exception:
-            log.exception("could not queue the decision notice for %s", decision.message_id)
+    async def drain(self) -> None:
+        """Wait until every decision notice asked for so far is stored."""
+        while self._drainer is not None and not self._drainer.done():
+            await asyncio.shield(self._drainer)
 
-    async def _queue_decision(self, decision: Decision) -> None:
-        if decision.outcome == "cancelled":
-            return  # the sender did it themselves
-        ja, en = OUTCOMES.get(decision.outcome, (decision.outcome, decision.outcome))
+    async def _drain(self) -> None:
+        while self._decisions:
+            batch, self._decisions = self._decisions, []
+            try:
+                await self._queue_decisions(batch)
+            except Exception:
+                ids = ", ".join(d.message_id for d in batch)
+                log.exception("could not queue the decision notices for %s", ids)
+
+    async def _queue_decisions(self, decisions: Sequence[Decision]) -> None:
+        wanted = [d for d in decisions if d.outcome != "cancelled"]  # the sender did it
+        if not wanted:
+            return
         now = self._clock()
-        async with self._store.transaction() as session:
-            message = await session.get(Message, decision.message_id)
+        async with self._store.read() as session:
+            ids = list({d.message_id for d in wanted})
+            found = await session.scalars(select(Message).where(Message.id.in_(ids)))
+            messages = {m.id: m for m in found}
+        notices = []
+        for decision in wanted:
+            message = messages.get(decision.message_id)
             if message is None or not message.mail_from or message.kind != "message":
-                return
+                continue
+            ja, en = OUTCOMES.get(decision.outcome, (decision.outcome, decision.outcome))
             detail = f"\n理由 / Reason: {decision.reason}\n" if decision.reason else "\n"
-            await self._queue(
-                session,
-                [message.mail_from],
-                message,
-                now,
-                f"メールが{ja} / Your message {en}",
-                f"件名 / Subject: {message.subject or ''}\n"
-                f"判断 / Decision: {decision.outcome} ({decision.actor})" + detail,
+            notices.append(
+                self._build(
+                    [message.mail_from],
+                    message,
+                    now,
+                    f"メールが{ja} / Your message {en}",
+                    f"件名 / Subject: {message.subject or ''}\n"
+                    f"判断 / Decision: {decision.outcome} ({decision.actor})" + detail,
+                )
             )
-        self._wake()
+        await self._store_all(notices, now)
+
+    def _link(self, message_id: str) -> str:
+        return f"{self._config.admin.public_url.rstrip('/')}/api/v1/messages/{message_id}"
+
+    async def _load(self, message_id: str) -> Message | None:
+        async with self._store.read() as session:
+            return await session.get(Message, message_id)
 
     def _addresses(self, principals: Sequence[str]) -> list[str]:
         groups = self._credentials.group_members()
@@ -151,15 +189,9 @@ class WorkflowNotices:
                 addresses.append(sorted(principal.emails)[0])
         return addresses
 
-    async def _queue(
-        self,
-        session: AsyncSession,
-        to: list[str],
-        message: Message,
-        now: datetime,
-        subject: str,
-        body: str,
-    ) -> None:
+    def _build(
+        self, to: list[str], message: Message, now: datetime, subject: str, body: str
+    ) -> Notice:
         notice = EmailMessage(policy=SMTP_POLICY)
         host = self._config.smtp.hostname
         notice["From"] = f"Sekisho <postmaster@{host}>"
@@ -169,19 +201,29 @@ class WorkflowNotices:
         notice["Message-ID"] = make_msgid(domain=host)
         notice["Auto-Submitted"] = "auto-generated"  # RFC 3834
         notice.set_content(body + f"\nSekisho queue id: {message.id}\n", cte="base64")
-        notice_id = new_id()
-        await repo.add_message(
-            session,
-            NewMessage(
-                id=notice_id,
-                mail_from="",
-                rcpt_tos=to,
-                raw=notice.as_bytes(policy=SMTP_POLICY),
-                state=MessageState.QUEUED,
-                verdict=Verdict.deliver().model_dump(mode="json"),
-                subject=f"notice: {subject}",
-                kind="notice",
-            ),
-            now,
+        new = NewMessage(
+            id=new_id(),
+            mail_from="",
+            rcpt_tos=to,
+            raw=notice.as_bytes(policy=SMTP_POLICY),
+            state=MessageState.QUEUED,
+            verdict=Verdict.deliver().model_dump(mode="json"),
+            subject=f"notice: {subject}",
+            kind="notice",
         )
-        self._audit.emit("notice.queued", id=notice_id, original=message.id, rcpt=to)
+        return Notice(new, message.id)
+
+    async def _store_all(self, notices: Sequence[Notice], now: datetime) -> None:
+        if not notices:
+            return
+        async with self._store.transaction() as session:
+            for notice in notices:
+                await repo.add_message(session, notice.new, now)
+        for notice in notices:
+            self._audit.emit(
+                "notice.queued",
+                id=notice.new.id,
+                original=notice.original,
+                rcpt=notice.new.rcpt_tos,
+            )
+        self._wake()

@@ -13,10 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Text, and_, cast, false, func, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quarantine.models import Approval, Message, Recipient
+from quarantine.models import Approval, Base, Message, Recipient
 from quarantine.states import MessageState, RecipientState, check_message
 
 APPROVE = "approve"
@@ -135,16 +148,49 @@ async def get_message(session: AsyncSession, message_id: str) -> Message | None:
     return await session.get(Message, message_id)
 
 
+# The statements of a decision are built once: a decision is a handful of one-row
+# statements, and building them each time cost as much CPU as running them.
+_LOCK_MESSAGE = (
+    select(Message)
+    .where(Message.id == bindparam("id"))
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+_VOTES = (
+    select(Approval.user, Approval.decision, Approval.at)
+    .where(Approval.message_id == bindparam("id"))
+    .order_by(Approval.id)
+)
+# Core statements on the tables: no unit of work, no session synchronisation.
+_MESSAGES = Base.metadata.tables[Message.__tablename__]
+_RECIPIENTS = Base.metadata.tables[Recipient.__tablename__]
+_RECORD = insert(Base.metadata.tables[Approval.__tablename__])
+_MESSAGE_STATE = update(_MESSAGES).where(_MESSAGES.c.id == bindparam("mid"))
+_RELEASE_RECIPIENTS = update(_RECIPIENTS).where(
+    _RECIPIENTS.c.message_id == bindparam("mid"),
+    _RECIPIENTS.c.state == RecipientState.WAITING,
+)
+
+
 async def lock_message(session: AsyncSession, message_id: str) -> Message | None:
     """The message row, locked until the transaction ends (`FOR UPDATE` on PostgreSQL;
     on SQLite the store's write lock already serialises writers). Read fresh, so a
     decision committed by another instance while we waited is seen."""
-    return await session.scalar(
-        select(Message)
-        .where(Message.id == message_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
+    return await session.scalar(_LOCK_MESSAGE, {"id": message_id})
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """Who decided what, and when: the part of an `Approval` a decision needs."""
+
+    user: str
+    decision: str
+    at: datetime
+
+
+async def votes_of(session: AsyncSession, message_id: str) -> list[Vote]:
+    rows = await session.execute(_VOTES, {"id": message_id})
+    return [Vote(user, decision, at) for user, decision, at in rows]
 
 
 async def recipients_of(
@@ -175,7 +221,7 @@ async def decisions_of(
     return found
 
 
-async def record_decision(
+async def add_vote(
     session: AsyncSession,
     message_id: str,
     *,
@@ -183,13 +229,36 @@ async def record_decision(
     decision: str,
     comment: str | None,
     now: datetime,
-) -> Approval:
-    approval = Approval(
-        message_id=message_id, user=user, decision=decision, comment=comment, at=now
+) -> None:
+    """Record one person's decision: one INSERT, nothing loaded back."""
+    await session.execute(
+        _RECORD,
+        {
+            "message_id": message_id,
+            "user": user,
+            "decision": decision,
+            "comment": comment,
+            "at": now,
+        },
     )
-    session.add(approval)
-    await session.flush()
-    return approval
+
+
+async def release_locked(session: AsyncSession, message: Message, now: datetime) -> None:
+    """Held or delayed → queued for a message the caller has locked (`lock_message`):
+    its waiting recipients become due now. Two UPDATEs, and the loaded `message` is
+    left as it was read (its state is the one before the release)."""
+    target = check_message(message.state, MessageState.QUEUED)
+    await session.execute(_MESSAGE_STATE, {"mid": message.id, "state": target, "updated_at": now})
+    await session.execute(
+        _RELEASE_RECIPIENTS,
+        {
+            "mid": message.id,
+            "state": RecipientState.QUEUED,
+            "next_attempt_at": now,
+            "queued_at": now,
+            "updated_at": now,
+        },
+    )
 
 
 async def end_message(
