@@ -110,6 +110,7 @@ class Gateway:
             owner=self.instance,
             reporting_host=self.config.smtp.hostname,
             prepare=protector.prepare,
+            after_recorded=protector.after_recorded,
         )
         self.notices = WorkflowNotices(
             self.store,

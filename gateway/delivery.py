@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # A prepared delivery: the bytes to send to some of a claim's recipients. The
 # encryption and Bcc transforms turn one stored message into one or more of these.
 Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes]]]]
+AfterRecorded = Callable[[AsyncSession, Claim, datetime], Awaitable[None]]
 
 
 async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[str], bytes]]:
@@ -64,6 +65,7 @@ class Delivery:
         reporting_host: str,
         prepare: Prepare = send_as_stored,
         rng: random.Random | None = None,
+        after_recorded: AfterRecorded | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
@@ -74,6 +76,7 @@ class Delivery:
         self._host = reporting_host
         self._prepare = prepare
         self._rng = rng or random.Random()
+        self._after_recorded = after_recorded
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -268,6 +271,8 @@ class Delivery:
                 await self._queue_dsn(session, claim, bounced, now)
             for message_id, state in await repo.finish_messages(session, [claim.message_id], now):
                 self._audit.emit(f"message.{state.value}", id=message_id)
+            if self._after_recorded is not None:
+                await self._after_recorded(session, claim, now)
 
     def _audit_outcome(self, claim: Claim, o: Outcome) -> None:
         event = {

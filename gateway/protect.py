@@ -6,6 +6,13 @@ goes to each client company with that company's own password, so a file sent to
 the wrong company cannot be opened there. Recipients without a client password get
 one random password per message, kept in the store so retries and other domains'
 copies use the same one the sender was told. Internal recipients get the original.
+
+With `notify = "recipients_later"` each password group's notice is stored delayed,
+marked `awaiting-delivery:<original id>` in its `rule`, with no release time in
+sight. Delivery calls `after_recorded` in the same transaction that records the
+original's outcomes; once every member of the group is finished, the notice is timed
+to leave `notify_delay` later, addressed only to the members who got the ZIP (or
+cancelled when none did). All of it is in the store, so a restart changes nothing.
 """
 
 from __future__ import annotations
@@ -32,13 +39,24 @@ from quarantine import repository as repo
 from quarantine.db import Store
 from quarantine.models import Message, MessageKey, Recipient
 from quarantine.repository import Claim, NewMessage
-from quarantine.states import MessageState
+from quarantine.states import (
+    FINAL_RECIPIENT_STATES,
+    MessageState,
+    RecipientState,
+    check_message,
+    check_recipient,
+)
 
 # No look-alikes (0/O, 1/l/I): the password is read aloud or typed from a notice.
 PASSWORD_ALPHABET = "23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
 PASSWORD_LENGTH = 16
 
 Batch = tuple[Sequence[str], bytes]
+
+AWAITING_DELIVERY = "awaiting-delivery:"  # + the original's id, in a notice's `rule`
+AFTER_DELIVERY = "after-delivery:"  # the same notice once its time is set
+# A waiting notice must never fall due on its own: delivery moves this forward.
+NOT_BEFORE_DELIVERY = timedelta(days=36500)
 
 
 def generate_password(length: int = PASSWORD_LENGTH) -> str:
@@ -182,7 +200,7 @@ class Protector:
                     [(", ".join(members), secret, method_name)],
                     subject,
                     now,
-                    delay=self._config.encryption.notify_delay,
+                    awaiting=claim.message_id,
                 )
             return
         lines = [(", ".join(m), secret, name) for (secret, name), m in shared.items()]
@@ -196,7 +214,7 @@ class Protector:
         lines: list[tuple[str, str, str]],
         subject: str | None,
         now: datetime,
-        delay: timedelta | None = None,
+        awaiting: str | None = None,
     ) -> None:
         raw = password_notice(
             hostname=self._config.smtp.hostname,
@@ -215,17 +233,78 @@ class Protector:
                 mail_from="",
                 rcpt_tos=to,
                 raw=raw,
-                state=MessageState.DELAYED if delay else MessageState.QUEUED,
+                state=MessageState.DELAYED if awaiting else MessageState.QUEUED,
                 verdict=Verdict.deliver().model_dump(mode="json"),
                 subject="password notice",
                 kind="notice",
-                release_at=now + delay if delay else None,
+                rule=AWAITING_DELIVERY + awaiting if awaiting else None,
+                release_at=now + NOT_BEFORE_DELIVERY if awaiting else None,
             ),
             now,
         )
         self._audit.emit(
             "notice.queued", id=notice_id, original=claim.message_id, rcpt=to, kind="zip-password"
         )
+
+    async def after_recorded(self, session: AsyncSession, claim: Claim, now: datetime) -> None:
+        """Time the notices that wait for this message's delivery (see the module
+        docstring); called by delivery inside the transaction that recorded outcomes."""
+        if claim.kind != "message" or not claim.verdict.get("encrypt"):
+            return
+        notices = (
+            await session.scalars(
+                select(Message)
+                .where(
+                    Message.state == MessageState.DELAYED,
+                    Message.rule == AWAITING_DELIVERY + claim.message_id,
+                )
+                .with_for_update()
+            )
+        ).all()
+        if not notices:
+            return
+        rows = await session.execute(
+            select(Recipient.address, Recipient.state).where(
+                Recipient.message_id == claim.message_id
+            )
+        )
+        original = {address: state for address, state in rows.all()}
+        for notice in notices:
+            await self._time_notice(session, notice, original, claim.message_id, now)
+
+    async def _time_notice(
+        self,
+        session: AsyncSession,
+        notice: Message,
+        original: dict[str, RecipientState],
+        original_id: str,
+        now: datetime,
+    ) -> None:
+        waiting = (
+            await session.scalars(
+                select(Recipient).where(
+                    Recipient.message_id == notice.id,
+                    Recipient.state == RecipientState.WAITING,
+                )
+            )
+        ).all()
+        if any(original.get(r.address) not in FINAL_RECIPIENT_STATES for r in waiting):
+            return  # a member's copy is still on its way
+        for recipient in waiting:
+            if original.get(recipient.address) is not RecipientState.DELIVERED:
+                # No ZIP reached them, so neither may its password.
+                recipient.state = check_recipient(recipient.state, RecipientState.CANCELLED)
+                recipient.updated_at = recipient.finished_at = now
+        notice.rule = AFTER_DELIVERY + original_id
+        notice.updated_at = now
+        to = [r.address for r in waiting if r.state is RecipientState.WAITING]
+        if to:
+            notice.release_at = now + self._config.encryption.notify_delay
+            self._audit.emit("notice.scheduled", id=notice.id, original=original_id, rcpt=to)
+        else:
+            notice.state = check_message(notice.state, MessageState.CANCELLED)
+            notice.finished_at = now
+            self._audit.emit("notice.cancelled", id=notice.id, original=original_id)
 
 
 def _client(policy: Policy, name: str | None) -> ClientSpec | None:

@@ -4,18 +4,20 @@ sender by a separate notice and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 import pyzipper
 from sqlalchemy import select
 
-from quarantine.models import Message
+from quarantine.models import Message, Recipient
 from tests.conftest import Received, Upstream, gateway_config, running
 from tests.transforms import samples
 from tests.transforms.tools import extract_7z, extract_unzip, files_in
@@ -234,3 +236,90 @@ async def test_message_that_cannot_be_protected_is_held_not_sent(
     assert message.state == "held" and message.rule == "protection-failed"
     assert upstream.received == []
     assert '"event":"message.held"' in Path(config.audit.path).read_text()
+
+
+def _is_notice(received: Received) -> bool:
+    return b"Auto-Submitted: auto-generated" in received.data and received.mail_from == ""
+
+
+def _answer_451_first(upstream: Upstream, times: int) -> list[str]:
+    """The smarthost defers the protected mail `times` times (not the notices)."""
+    answered: list[str] = []
+    handle = upstream.handle_DATA
+
+    async def handle_DATA(server: Any, session: Any, envelope: Any) -> str:
+        content = bytes(envelope.original_content or b"")
+        if b"Auto-Submitted: auto-generated" not in content and len(answered) < times:
+            answered.append("451")
+            return "451 4.3.0 try again later"
+        return await handle(server, session, envelope)
+
+    upstream.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    return answered
+
+
+async def test_recipients_later_notice_leaves_only_after_the_protected_mail(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "recipients_later", "notify_delay": "200ms"},
+    )
+    deferred = _answer_451_first(upstream, 3)  # ~0.2 + 0.4 + 0.8 s of retries
+    rcpts = ["a@initech.example", "b@initech.example"]
+    async with running(config) as gw:
+        await _send(gw.smtp_port, samples.outlook_message(), rcpts)
+        received = await upstream.wait_for(4, timeout=15)
+    assert len(deferred) == 3
+    # Retries may split the copies (each recipient has its own jittered retry time),
+    # but both reached their recipients before the key to them left.
+    *copies, notice = received
+    assert not any(_is_notice(c) for c in copies) and _is_notice(notice)
+    assert sorted(a for c in copies for a in c.rcpt_tos) == rcpts
+    protected = copies[0]
+    assert sorted(notice.rcpt_tos) == rcpts and notice.mail_from == ""
+    text = message_from_bytes(notice.data, policy=policy.default).get_content()
+    (password,) = set(re.findall(r"Password: (\S+)", text))
+    zipped = _zips(protected.data)[f"{samples.XLSX_NAME}.zip"]
+    with pyzipper.AESZipFile(io.BytesIO(zipped)) as archive:
+        archive.setpassword(password.encode())
+        assert archive.read(samples.XLSX_NAME) == samples.xlsx_bytes()
+    audit = [json.loads(line) for line in Path(config.audit.path).read_text().splitlines()]
+    events = [e["event"] for e in audit]
+    assert events.index("notice.scheduled") > events.index("delivery.sent")
+
+
+async def test_recipients_later_notice_skips_a_recipient_the_protected_mail_never_reached(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "recipients_later", "notify_delay": "200ms"},
+    )
+    upstream.rcpt_reply = lambda a: "550 5.1.1 no such user" if a.startswith("b@") else None
+    async with running(config) as gw:
+        await _send(
+            gw.smtp_port, samples.outlook_message(), ["a@initech.example", "b@initech.example"]
+        )
+        received = await upstream.wait_for(3, timeout=15)  # the ZIP, a bounce, the notice
+        await asyncio.sleep(0.5)  # and nothing more
+        async with gw.store.read() as session:
+            notice = (await session.scalars(select(Message).where(Message.kind == "notice"))).one()
+            told = await session.execute(
+                select(Recipient.address, Recipient.state).where(Recipient.message_id == notice.id)
+            )
+    notices = [
+        r for r in upstream.received if _is_notice(r) and r.rcpt_tos != ["yamada@example.com"]
+    ]
+    assert [n.rcpt_tos for n in notices] == [["a@initech.example"]]
+    # b's notice was never tried (not refused by the smarthost): no ZIP, no password.
+    assert dict(told.all()) == {"a@initech.example": "delivered", "b@initech.example": "cancelled"}
+    assert len(received) == 3 and notice.state.value == "delivered"
