@@ -26,6 +26,7 @@ from gateway.intake import Intake, Submission
 log = logging.getLogger(__name__)
 
 CODE_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+CODE_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 IDENT = "Sekisho ESMTP"
 
 
@@ -82,6 +83,11 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if self.counters.draining:
+            # A session open at shutdown finishes the transaction it is in, but starts
+            # no new one: otherwise a busy client keeps the drain going for the whole
+            # grace period. RFC 5321 §3.8: 421, then the server closes the channel.
+            return CODE_SHUTTING_DOWN
         refusal = self._relay_refusal(session)
         if refusal:
             return refusal
@@ -270,7 +276,9 @@ class GatewaySMTP(SMTP):
     async def push(self, status: Any) -> None:
         await super().push(status)
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
-        if text[:1] == "5":
+        if text.startswith("421") and self.transport is not None:
+            self.transport.close()
+        elif text[:1] == "5":
             self._errors += 1
             if self._errors >= self._max_errors and self.transport is not None:
                 await super().push("421 4.7.0 Too many errors, closing connection")

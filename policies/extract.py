@@ -24,6 +24,11 @@ MAX_PART_TEXT = 256 * 1024  # characters of text taken from one attachment or bo
 MAX_TOTAL_TEXT = 1024 * 1024  # characters over the whole message
 MAX_MEMBER_BYTES = 512 * 1024  # decompressed XML read from one OOXML member (~15 ms/MiB to strip)
 MAX_ZIP_ENTRIES = 1000
+# A ZIP entry that claims to expand beyond these is a compression bomb (1 GiB of zeros
+# deflates to 1 MiB). Its content is never decompressed here; the fact is reported, so
+# a rule on `not_fully_inspected` can hold it for a person.
+MAX_ZIP_RATIO = 100
+MAX_ZIP_EXPANDED = 256 * 1024 * 1024
 
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError,
                NotImplementedError, RuntimeError, KeyError)
@@ -162,10 +167,26 @@ def _zip(data: bytes, where: str, budget: Budget) -> Contents:
         return Contents(encrypted=_local_header_encrypted(data))
     if len(infos) > MAX_ZIP_ENTRIES:
         budget.cut.append(f"{where}: more than {MAX_ZIP_ENTRIES} entries, the rest not listed")
+    budget.cut.extend(_bomb_entries(infos[:MAX_ZIP_ENTRIES], where))
     # APPNOTE.TXT 4.4.4: bit 0 of the general purpose flag means the entry is encrypted.
     encrypted = any(info.flag_bits & 0x1 for info in infos)
     names = tuple(entry_name(info) for info in infos[:MAX_ZIP_ENTRIES] if not info.is_dir())
     return Contents(entries=names, encrypted=encrypted)
+
+
+def _bomb_entries(infos: list[zipfile.ZipInfo], where: str) -> list[str]:
+    """Entries whose declared size is absurd for their compressed size, and a total
+    beyond reason: the sizes come from the central directory, nothing is inflated."""
+    reasons = []
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if ratio > MAX_ZIP_RATIO and info.file_size > 1024 * 1024:
+            reasons.append(f"{where}: {entry_name(info)} expands {ratio:.0f}x to "
+                           f"{info.file_size} bytes (a compression bomb), not inspected")
+    total = sum(info.file_size for info in infos)
+    if total > MAX_ZIP_EXPANDED and not reasons:
+        reasons.append(f"{where}: expands to {total} bytes, not inspected")
+    return reasons
 
 
 def entry_name(info: zipfile.ZipInfo) -> str:
