@@ -81,6 +81,8 @@ class Delivery:
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(config.workers)
+        self._between_rounds = asyncio.Event()
+        self._between_rounds.set()
         # Delay windows end on their own schedule: look for them once per poll
         # interval, not on every claiming round.
         self._next_delay_check = datetime.min.replace(tzinfo=UTC)
@@ -92,11 +94,14 @@ class Delivery:
         """Claim and send until stopped. A failing round is logged and retried: the
         loop never dies, and nothing claimed is dropped (its lease simply expires)."""
         while not self._stopping:
+            self._between_rounds.clear()
             try:
                 claimed = await self.run_once()
             except Exception:
                 log.exception("delivery round failed; retrying")
                 claimed = 0
+            finally:
+                self._between_rounds.set()
             if claimed == 0 and not self._stopping:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -138,6 +143,10 @@ class Delivery:
         """Stop claiming, let sends in flight finish, and hand back our leases."""
         self._stopping = True
         self.wake()
+        # A round still claiming would start sends after our leases were handed back,
+        # and another instance would send them again: let it finish first.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._between_rounds.wait(), grace)
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:

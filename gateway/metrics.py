@@ -112,8 +112,9 @@ class Metrics:
         async with self._store.read() as session:
             await session.execute(text("SELECT 1"))
             self.store_latency.set(time.perf_counter() - started)
-            for state, count in (await repo.queue_depth(session)).items():
-                self.messages.labels(state=state).set(count)
+            counts = await repo.queue_depth(session)
+            for state in MessageState:  # an emptied state must fall to 0, not keep its count
+                self.messages.labels(state=state.value).set(counts.get(state.value, 0))
             await self._held_ages(session)
         return generate_latest(self.registry)
 
