@@ -145,6 +145,7 @@ class Gateway:
                 audit=self.audit,
                 wake=self.delivery.wake,
                 on_decision=self._on_decision,
+                notices=self.notices if approval.notify_by_mail else None,
             ),
             "expiry",
         )

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from gateway.audit import AuditLog
 from gateway.config import ApprovalConfig, OnExpire
@@ -477,6 +477,66 @@ async def expire_holds(
     return done
 
 
+# --- reminders and escalation -------------------------------------------------------
+
+
+class HoldNotices(Protocol):
+    """Who mails the reminders (`gateway.workflow_notices.WorkflowNotices`)."""
+
+    async def reminder(self, message_id: str) -> None: ...
+
+    async def escalation(self, message_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Nudge:
+    message_id: str
+    kind: Literal["reminder", "escalation"]
+
+
+async def remind_holds(
+    store: Store,
+    now: datetime,
+    config: ApprovalConfig,
+    notices: HoldNotices | None,
+    *,
+    audit: AuditLog | None = None,
+) -> list[Nudge]:
+    """Remind the deciders of mail held longer than `remind_after`, again every
+    `remind_after`; tell the `escalate_to` groups, once, of mail held longer than
+    `escalate_after`.
+
+    Each reminder is recorded in the store before it is mailed, from the store's
+    timestamps, so a restart or a second instance never repeats one within the
+    interval. A crash between the two loses that reminder; the next comes one
+    interval later. Escalation applies to mail held by a rule, as in `deciders`.
+    """
+    nudges: list[Nudge] = []
+    if config.remind_after is None and not (config.escalate_after and config.escalate_to):
+        return nudges
+    async with store.transaction() as session:
+        if config.remind_after is not None:
+            before = now - config.remind_after
+            for message_id in await qa.due_reminders(session, before):
+                if await qa.claim_reminder(session, message_id, now, before) is not None:
+                    nudges.append(Nudge(message_id, "reminder"))
+        if config.escalate_after is not None and config.escalate_to:
+            for message_id in await qa.due_escalations(session, now - config.escalate_after):
+                message = await qa.claim_escalation(session, message_id, now)
+                if message is not None and (message.verdict or {}).get("action") == "hold":
+                    nudges.append(Nudge(message_id, "escalation"))
+    for nudge in nudges:
+        if audit is not None:
+            event = "message.reminded" if nudge.kind == "reminder" else "message.escalated"
+            audit.emit(event, id=nudge.message_id)
+        if notices is not None:
+            if nudge.kind == "reminder":
+                await notices.reminder(nudge.message_id)
+            else:
+                await notices.escalation(nudge.message_id)
+    return nudges
+
+
 async def expiry_loop(
     store: Store,
     config: ApprovalConfig,
@@ -485,14 +545,19 @@ async def expiry_loop(
     audit: AuditLog | None = None,
     wake: Callable[[], None] | None = None,
     on_decision: OnDecision | None = None,
+    notices: HoldNotices | None = None,
     interval: float = 30.0,
 ) -> None:
-    """Run `expire_holds` every `interval` seconds until cancelled; never dies."""
+    """Every `interval` seconds until cancelled, expire what is due, then send the
+    reminders that are due (`notices`, if given, mails them); never dies."""
     while True:
+        now = clock()
         try:
-            await expire_holds(
-                store, clock(), config, audit=audit, wake=wake, on_decision=on_decision
-            )
+            await expire_holds(store, now, config, audit=audit, wake=wake, on_decision=on_decision)
         except Exception:
             log.exception("expiring holds failed; retrying in %s s", interval)
+        try:
+            await remind_holds(store, now, config, notices, audit=audit)
+        except Exception:
+            log.exception("reminding of held mail failed; retrying in %s s", interval)
         await asyncio.sleep(interval)

@@ -1,5 +1,7 @@
-"""Mail about held messages: to the approvers when mail is held (with a link), and to
-the sender when it is held, approved, released, rejected or expired.
+"""Mail about held messages: to the approvers when mail is held (with a link) and again
+when it has waited `remind_after`, to the `escalate_to` groups once it has waited
+`escalate_after`, and to the sender when it is held, approved, released, rejected or
+expired.
 
 Notices are ordinary messages queued in the store from the null sender, so they are
 durable, retried and audited like any other mail, and never bounce.
@@ -11,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
@@ -47,6 +49,11 @@ class Notice:
 
     new: NewMessage
     original: str
+
+
+def _hours(waited: timedelta) -> str:
+    hours = int(waited.total_seconds() // 3600)
+    return f"{hours // 24}日 {hours % 24}時間 / {hours // 24} d {hours % 24} h"
 
 
 class WorkflowNotices:
@@ -115,6 +122,47 @@ class WorkflowNotices:
                 )
             )
         await self._store_all(notices, now)
+
+    async def reminder(self, message_id: str) -> None:
+        """Remind the deciders of a message that still waits (`[approval].remind_after`)."""
+        now = self._clock()
+        message = await self._load(message_id)
+        if message is None or message.state is not MessageState.HELD:
+            return
+        to = self._addresses(deciders(message, self._config.approval, now))
+        subject = "まだ承認待ちのメール / Reminder: mail waiting for your approval"
+        await self._store_all(self._waiting(to, message, now, subject), now)
+
+    async def escalation(self, message_id: str) -> None:
+        """Tell the `escalate_to` groups that a message now waits for them too."""
+        now = self._clock()
+        message = await self._load(message_id)
+        if message is None or message.state is not MessageState.HELD:
+            return
+        to = self._addresses(self._config.approval.escalate_to)
+        subject = "承認待ちのメールが回ってきました / Escalated: mail waiting for approval"
+        await self._store_all(self._waiting(to, message, now, subject), now)
+
+    def _waiting(
+        self, to: list[str], message: Message, now: datetime, subject: str
+    ) -> list[Notice]:
+        if not to:
+            return []
+        waited = _hours(now - message.created_at)
+        reason = str(message.verdict.get("reason") or message.rule or "")
+        return [
+            self._build(
+                to,
+                message,
+                now,
+                subject,
+                f"送信者 / From: {message.mail_from}\n"
+                f"件名 / Subject: {message.subject or ''}\n"
+                f"理由 / Held by: {message.rule}: {reason}\n"
+                f"待ち時間 / Waiting for: {waited}\n\n"
+                f"確認と承認 / Review and approve:\n{self._link(message.id)}\n",
+            )
+        ]
 
     def decided(self, decision: Decision) -> None:
         """The `on_decision` hook: tell the sender what became of their message.

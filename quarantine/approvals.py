@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quarantine.models import Approval, Base, Message, Recipient
+from quarantine.models import Approval, Base, Message, Recipient, Reminder
 from quarantine.states import MessageState, RecipientState, check_message
 
 APPROVE = "approve"
@@ -282,3 +282,75 @@ async def expired_holds(session: AsyncSession, now: datetime, limit: int = 100) 
         .limit(limit)
     )
     return list(rows.all())
+
+
+# --- reminders ------------------------------------------------------------------
+
+
+async def due_reminders(session: AsyncSession, before: datetime, limit: int = 100) -> list[str]:
+    """Held messages waiting since `before` or longer whose deciders were not reminded
+    since then (now - `remind_after` is `before`), oldest first."""
+    rows = await session.scalars(
+        select(Message.id)
+        .outerjoin(Reminder, Reminder.message_id == Message.id)
+        .where(
+            Message.state == MessageState.HELD,
+            Message.created_at <= before,
+            or_(Reminder.reminded_at.is_(None), Reminder.reminded_at <= before),
+        )
+        .order_by(Message.created_at)
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def due_escalations(session: AsyncSession, before: datetime, limit: int = 100) -> list[str]:
+    """Held messages waiting since `before` or longer that were never escalated."""
+    rows = await session.scalars(
+        select(Message.id)
+        .outerjoin(Reminder, Reminder.message_id == Message.id)
+        .where(
+            Message.state == MessageState.HELD,
+            Message.created_at <= before,
+            Reminder.escalated_at.is_(None),
+        )
+        .order_by(Message.created_at)
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def claim_reminder(
+    session: AsyncSession, message_id: str, now: datetime, before: datetime
+) -> Message | None:
+    """Record a reminder sent now, if the message is still held and nobody (another
+    instance) reminded since `before`. The message row is locked first, so of two
+    instances checking at once the second sees the first one's reminder."""
+    message = await lock_message(session, message_id)
+    if message is None or message.state is not MessageState.HELD:
+        return None
+    mark = await _reminder_row(session, message_id)
+    if mark.reminded_at is not None and mark.reminded_at > before:
+        return None
+    mark.reminded_at = now
+    return message
+
+
+async def claim_escalation(session: AsyncSession, message_id: str, now: datetime) -> Message | None:
+    """Record the escalation, once per message, as `claim_reminder` does reminders."""
+    message = await lock_message(session, message_id)
+    if message is None or message.state is not MessageState.HELD:
+        return None
+    mark = await _reminder_row(session, message_id)
+    if mark.escalated_at is not None:
+        return None
+    mark.escalated_at = now
+    return message
+
+
+async def _reminder_row(session: AsyncSession, message_id: str) -> Reminder:
+    mark = await session.get(Reminder, message_id, populate_existing=True)
+    if mark is None:
+        mark = Reminder(message_id=message_id)
+        session.add(mark)
+    return mark

@@ -199,3 +199,17 @@ class Approval(Base):
     at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("message_id", "user"),)
+
+
+class Reminder(Base):
+    """When the deciders of a held message were last reminded, and when its
+    `escalate_to` groups were told. Kept in the store so that reminders follow the
+    store's clock: a restart, or several instances, send each one once."""
+
+    __tablename__ = "reminders"
+
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    reminded_at: Mapped[datetime | None]
+    escalated_at: Mapped[datetime | None]
