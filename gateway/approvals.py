@@ -175,6 +175,18 @@ def scope_for(user: Principal, config: ApprovalConfig, now: datetime) -> qa.Scop
     )
 
 
+def sender_may_release(user: Principal, message: Message) -> bool:
+    """The sender's own delayed message, whose rules all let the sender end the delay
+    (`sender_may_release`). Never a held message: the caller also checks the state,
+    since a delayed message can be held later (protection failed at delivery)."""
+    verdict: Mapping[str, Any] = message.verdict or {}
+    return (
+        is_sender(user, message)
+        and verdict.get("action") == "delay"
+        and verdict.get("sender_may_release") is True
+    )
+
+
 def needed_approvals(message: Message) -> int:
     value = (message.verdict or {}).get("min_approvals", 1)
     return max(1, int(value)) if isinstance(value, int) else 1
@@ -384,7 +396,11 @@ class Approvals:
         now = self.clock()
         async with self._store.transaction() as session:
             message = self._check_visible(user, await qa.lock_message(session, message_id))
-            self._check_role(user, "release")
+            if user.role not in DECIDING_ROLES and not sender_may_release(user, message):
+                raise Forbidden(
+                    "to release a message now needs the approver or admin role, "
+                    "or a rule that lets its sender do it"
+                )
             if message.state is not MessageState.DELAYED:
                 raise Conflict(
                     f"only a delayed message can be released now; it is {message.state}"

@@ -7,6 +7,10 @@
 - `delay_seconds` is the longest delay of the matched delay rules: a delay is the
   sender's window to notice and cancel, and the strictest rule should keep its window.
   It is set only when the verdict is `delay`.
+- `sender_may_release` holds only for a `delay` verdict, and only if every matched
+  delay rule allows it: the sender may cut short a delay only when no rule that asked
+  for one wants its window kept. (The longest delay comes from any of them, so one
+  rule that does not allow it keeps the window for all.)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def combine(rules: Sequence[CompiledRule], traces: Sequence[RuleTrace]) -> Verdi
     specs = [r.spec for r in matched]
     delays = [s.delay for s in specs if s.action is Action.DELAY and s.delay]
     holds = [s.min_approvals for s in specs if s.action is Action.HOLD]
+    delaying = [s for s in specs if s.action is Action.DELAY]
     return Verdict(
         action=action,
         rule=winner.name,
@@ -38,4 +43,5 @@ def combine(rules: Sequence[CompiledRule], traces: Sequence[RuleTrace]) -> Verdi
         delay_seconds=max(delays) if action is Action.DELAY and delays else None,
         min_approvals=max(holds, default=1),
         notify=winner.spec.notify or next((s.notify for s in specs if s.notify), None),
+        sender_may_release=action is Action.DELAY and all(s.sender_may_release for s in delaying),
     )

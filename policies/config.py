@@ -102,8 +102,15 @@ class When(_Spec):
         return data
 
     @field_validator(
-        "sender", "recipient_domain", "sender_group", "attachment_name",
-        "attachment_type", "subject_matches", "body_matches", "pii", mode="before",
+        "sender",
+        "recipient_domain",
+        "sender_group",
+        "attachment_name",
+        "attachment_type",
+        "subject_matches",
+        "body_matches",
+        "pii",
+        mode="before",
     )
     @classmethod
     def _listify(cls, value: object) -> object:
@@ -128,7 +135,8 @@ class When(_Spec):
     def given(self) -> tuple[str, ...]:
         """The condition names the operator wrote, in declaration order."""
         return tuple(
-            name for name in type(self).model_fields
+            name
+            for name in type(self).model_fields
             if getattr(self, name) is not None and name not in ("pii_min", "pii_in")
         )
 
@@ -145,6 +153,9 @@ class RuleSpec(_Spec):
     encrypt: bool = False
     bcc: bool = False
     notify: str | None = None
+    # The sender may end this rule's delay early (`POST …/release-now`), not only an
+    # approver or admin: for rules whose delay is a chance to look again, not a check.
+    sender_may_release: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +190,10 @@ class RuleSpec(_Spec):
             raise ValueError(f"rule '{self.name}': action 'delay' needs delay = '5m' or similar")
         if self.delay is not None and self.action is not Action.DELAY:
             raise ValueError(f"rule '{self.name}': delay is only used with action = 'delay'")
+        if self.sender_may_release and self.action is not Action.DELAY:
+            raise ValueError(
+                f"rule '{self.name}': sender_may_release is only used with action = 'delay'"
+            )
         for key in ("subject_matches", "body_matches"):
             for pattern in getattr(self.when, key) or ():
                 _check_regex(self.name, key, pattern)

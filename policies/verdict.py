@@ -60,6 +60,7 @@ class Verdict(_Frozen):
     delay_seconds: int | None = None
     min_approvals: int = 1
     notify: str | None = None
+    sender_may_release: bool = False  # the sender may end the delay early (delay only)
 
     @classmethod
     def deliver(cls) -> Verdict:
@@ -91,9 +92,7 @@ class Verdict(_Frozen):
             action=Action.HOLD,
             rule=POLICY_ERROR,
             reason="the message could not be inspected; held for review",
-            trace=(
-                RuleTrace(rule=POLICY_ERROR, matched=True, action=Action.HOLD, error=detail),
-            ),
+            trace=(RuleTrace(rule=POLICY_ERROR, matched=True, action=Action.HOLD, error=detail),),
         )
 
 

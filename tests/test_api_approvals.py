@@ -299,3 +299,86 @@ async def test_escalation_adds_the_escalate_to_groups_after_escalate_after(
     ]
     assert listed[0]["waited_seconds"] >= 4 * 3600
     assert approved.status_code == 200
+
+
+SENDER_MAY_RELEASE: dict[str, Any] = {**DELAY_5M, "sender_may_release": True}
+
+
+async def test_sender_releases_now_where_the_delaying_rule_allows_it(
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
+    config = _config(tmp_path, store_url, upstream.port, SENDER_MAY_RELEASE)
+    async with running(config, clock=Clock()) as gw:
+        alice = await person(gw, "alice", "sender", emails=["alice@example.com"])
+        carol = await person(gw, "carol", "sender", emails=["carol@example.com"])
+        delayed = await send(gw, message())
+        async with client(gw, carol) as http:
+            not_hers = await http.post(f"/messages/{delayed}/release-now")
+        async with client(gw, alice) as http:
+            released = await http.post(f"/messages/{delayed}/release-now")
+            again = await http.post(f"/messages/{delayed}/release-now")
+        received = await upstream.wait_for(1)
+        events = audit_events(gw, "message.released")
+    assert not_hers.status_code == 404
+    assert released.status_code == 200 and released.json()["state"] == "queued"
+    assert again.status_code == 409
+    assert [r.rcpt_tos for r in received] == [["buyer@client.example"]]
+    assert [(e["id"], e["actor"], e["reason"]) for e in events] == [
+        (delayed, "alice", "released-now")
+    ]
+
+
+async def test_sender_may_not_release_when_one_delaying_rule_keeps_its_window(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    keeps = {**DELAY_5M, "name": "delay-keeps-window", "delay": "10m"}
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        rules=[SENDER_MAY_RELEASE, keeps],  # type: ignore[arg-type]
+        approval={"notify_by_mail": False},
+    )
+    async with running(config, clock=Clock()) as gw:
+        alice = await person(gw, "alice", "sender", emails=["alice@example.com"])
+        delayed = await send(gw, message())
+        async with client(gw, alice) as http:
+            refused = await http.post(f"/messages/{delayed}/release-now")
+        await asyncio.sleep(0.2)
+        state = await _state(gw, delayed)
+    assert refused.status_code == 403 and "rule" in refused.json()["detail"]
+    assert state == ("delayed", ["waiting"])
+    assert upstream.received == []
+
+
+async def test_sender_never_releases_held_mail_even_where_a_delay_rule_allows_it(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        rules=[SENDER_MAY_RELEASE, HOLD_FOR_COMPLIANCE],  # type: ignore[arg-type]
+        approval={"notify_by_mail": False},
+    )
+    async with running(config, clock=Clock()) as gw:
+        alice = await person(gw, "alice", "sender", emails=["alice@example.com"])
+        held = await send(gw, message())
+        delayed_then_held = await send(gw, message())
+        # A delayed message that delivery later held (protection failed): its verdict
+        # still allows the sender, its state does not.
+        async with gw.store.transaction() as session:
+            row = await session.get(Message, delayed_then_held)
+            assert row is not None
+            row.verdict = {**row.verdict, "action": "delay", "sender_may_release": True}
+        async with client(gw, alice) as http:
+            on_held = await http.post(f"/messages/{held}/release-now")
+            on_held_later = await http.post(f"/messages/{delayed_then_held}/release-now")
+        await asyncio.sleep(0.2)
+        states = [await _state(gw, m) for m in (held, delayed_then_held)]
+    assert on_held.status_code == 403
+    assert (
+        on_held_later.status_code == 409 and "approve it instead" in on_held_later.json()["detail"]
+    )
+    assert states == [("held", ["waiting"]), ("held", ["waiting"])]
+    assert upstream.received == []

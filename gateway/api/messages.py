@@ -148,6 +148,7 @@ async def cancel(id: MessageId, user: CurrentUser, approvals: Service) -> schema
 async def release_now(
     id: MessageId, user: CurrentUser, approvals: Service
 ) -> schemas.DecisionResult:
-    """End a delay early (approver, admin)."""
+    """End a delay early: approvers and admins, and the sender where every rule that
+    delayed the message allows it (`sender_may_release`). Never for held mail."""
     result = await approvals.release_now(user, id)
     return schemas.decision_result(result)

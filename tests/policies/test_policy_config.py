@@ -35,6 +35,8 @@ def test_issue_examples_compile() -> None:
         ({"name": "r", "action": "delay"}, "needs delay"),
         ({"name": "r", "action": "hold", "delay": "5m"}, "only used with action = 'delay'"),
         ({"name": "r", "action": "delay", "delay": "soon"}, "not a duration"),
+        ({"name": "r", "action": "hold", "sender_may_release": True},
+         "sender_may_release is only used with action = 'delay'"),
         ({"name": "r", "when": {"recipients": "some_external"}, "action": "hold"},
          "'any_external', 'all_external' or 'all_internal'"),
         ({"name": "r", "when": {"pii": ["passport"]}, "action": "hold"}, "credit_card"),

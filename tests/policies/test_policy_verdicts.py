@@ -49,6 +49,21 @@ COMBINING: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
      {"reason": "Held for review"}),
     ("notify of the winner", [rule("d", "delay", delay="1m", notify="approvers"),
                               rule("h", "hold", notify="sender")], {"notify": "sender"}),
+    ("sender may release a delay its rule allows",
+     [rule("d", "delay", delay="5m", sender_may_release=True), rule("b", bcc=True)],
+     {"action": Action.DELAY, "sender_may_release": True}),
+    ("sender may not release by default", [rule("d", "delay", delay="5m")],
+     {"sender_may_release": False}),
+    ("every delaying rule must allow the sender",
+     [rule("d1", "delay", delay="5m", sender_may_release=True),
+      rule("d2", "delay", delay="1m")],
+     {"action": Action.DELAY, "delay_seconds": 300, "sender_may_release": False}),
+    ("all delaying rules allow it", [rule("d1", "delay", delay="5m", sender_may_release=True),
+                                     rule("d2", "delay", delay="1h", sender_may_release=True)],
+     {"delay_seconds": 3600, "sender_may_release": True}),
+    ("never for held mail", [rule("d", "delay", delay="5m", sender_may_release=True),
+                             rule("h", "hold")],
+     {"action": Action.HOLD, "sender_may_release": False}),
 ]
 
 
