@@ -636,9 +636,12 @@ def relay_load(
         f"{HOST}:{port}",
     ]
     started = time.monotonic()
-    source = subprocess.run(
-        command, capture_output=True, text=True, timeout=args.timeout, check=False
-    )
+    try:
+        source = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, check=False
+        )
+    except subprocess.TimeoutExpired as expired:
+        raise Failure(f"{name}: smtp-source did not finish in {args.timeout:.0f} s") from expired
     accepted_s = time.monotonic() - started
     if source.returncode != 0 or source.stderr.strip():
         raise Failure(
