@@ -15,6 +15,7 @@ from gateway.api import messages as message_routes
 from gateway.api.auth import Authenticator
 from gateway.approvals import ApprovalError, Approvals, OnDecision
 from gateway.audit import AuditLog
+from gateway.body_limit import BodyLimit
 from gateway.config import Config
 from gateway.metrics import Metrics
 from quarantine.db import Store
@@ -49,6 +50,7 @@ def create_app(
         redoc_url=None,
     )
     metrics = metrics or Metrics(store, clock)
+    app.add_middleware(BodyLimit)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

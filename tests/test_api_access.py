@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -294,3 +295,32 @@ async def test_list_filters_and_cursor_pages_oldest_first(tmp_path: Path, sqlite
     assert len(held.json()["items"]) == 4
     assert queued["items"] == [] and queued["next_cursor"] is None
     assert len(by_sender.json()["items"]) == 4
+
+
+async def test_huge_request_bodies_get_413_json_not_500(tmp_path: Path, sqlite_url: str) -> None:
+    async with running(_config(tmp_path, sqlite_url)) as gw:
+        boss = await person(gw, "boss", "approver", groups=["compliance"])
+        message_id = await send(gw, message())
+        async with client(gw, boss) as http:
+            declared = await http.post(
+                f"/messages/{message_id}/reject",
+                content=b'{"reason": "' + b"x" * 200_000 + b'"}',
+                headers={"Content-Type": "application/json"},
+            )
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b'{"reason": "'
+                for _ in range(50):
+                    yield b"x" * 10_000
+                yield b'"}'
+
+            streamed = await http.post(
+                f"/messages/{message_id}/reject",
+                content=chunks(),
+                headers={"Content-Type": "application/json"},
+            )
+            after = await http.get(f"/messages/{message_id}")
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        assert "larger than" in response.json()["detail"]
+    assert after.status_code == 200 and after.json()["state"] == "held"
