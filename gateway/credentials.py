@@ -10,6 +10,7 @@ instance takes effect quickly) and runs argon2 in a thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import secrets
@@ -88,7 +89,7 @@ class Credentials:
         entry = self._users.get(login)
         if entry is None or entry.disabled or not entry.password_hash:
             # Spend the same time as a real check, so a probe cannot tell which names exist.
-            await asyncio.to_thread(_verify, _DUMMY_HASH, password)
+            await asyncio.to_thread(lambda: _verify(dummy_hash(), password))
             return None
         key = hmac.new(self._key, f"{login}\0{password}".encode(), hashlib.sha256).digest()
         remembered = self._remembered.get(key)
@@ -112,4 +113,8 @@ def _verify(password_hash: str, password: str) -> bool:
         return False
 
 
-_DUMMY_HASH = _hasher.hash("not a real password")
+@functools.cache
+def dummy_hash() -> str:
+    """A hash to verify against for unknown users, made on first use (off the loop,
+    inside the worker thread) rather than at import, which would cost start-up ~0.5 s."""
+    return _hasher.hash("not a real password")

@@ -99,6 +99,9 @@ class Message(Base):
 
     __table_args__ = (
         Index(None, "state", "created_at"),
+        # Lists page by id within a state (ids sort by time): without this index
+        # SQLite sorts every held message to find one page.
+        Index(None, "state", "id"),
         Index(None, "sender_user", "created_at"),
     )
 

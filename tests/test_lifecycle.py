@@ -101,3 +101,24 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     events = [json.loads(line)["event"] for line in log]
     assert events[-1] == "gateway.stopped"
     assert "message.accepted" in events
+
+
+async def test_migrations_match_the_models(tmp_path: Path, store_url: str) -> None:
+    """What `sekisho migrate` builds is what the models describe (no drift)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from quarantine.migrate import upgrade
+    from quarantine.models import Base
+
+    store = Store(store_url)
+    await upgrade(store)
+
+    def diff(connection: object) -> list[object]:
+        context = MigrationContext.configure(connection, opts={"compare_type": False})  # type: ignore[arg-type]
+        return list(compare_metadata(context, Base.metadata))
+
+    async with store.engine.connect() as connection:
+        changes = await connection.run_sync(diff)
+    await store.close()
+    assert changes == []
