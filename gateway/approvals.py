@@ -480,7 +480,7 @@ async def expire_holds(
             if message is None or message.state is not MessageState.HELD:
                 continue  # decided by someone else since the query
             if config.on_expire is OnExpire.RELEASE:
-                await repo.release_message(session, message_id, now)
+                await qa.release_locked(session, message, now)
             else:
                 await qa.end_message(session, message, MessageState.EXPIRED, now)
             done.append(Decision(message_id, outcome, "system", "expired"))

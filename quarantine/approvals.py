@@ -15,6 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     Text,
     and_,
     bindparam,
@@ -22,9 +23,11 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal_column,
     or_,
     select,
     true,
+    type_coerce,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -166,10 +169,21 @@ _MESSAGES = Base.metadata.tables[Message.__tablename__]
 _RECIPIENTS = Base.metadata.tables[Recipient.__tablename__]
 _RECORD = insert(Base.metadata.tables[Approval.__tablename__])
 _MESSAGE_STATE = update(_MESSAGES).where(_MESSAGES.c.id == bindparam("mid"))
-_RELEASE_RECIPIENTS = update(_RECIPIENTS).where(
-    _RECIPIENTS.c.message_id == bindparam("mid"),
-    _RECIPIENTS.c.state == RecipientState.WAITING,
-)
+
+
+def _waiting_of(message_id: ColumnElement[str] | str) -> ColumnElement[bool]:
+    """A message's waiting recipients, found by the message_id index. SQLite plans
+    without statistics and would walk the (state, next_attempt_at) index through every
+    waiting recipient in the store instead (all held and delayed mail); `state || ''`
+    cannot use an index, so it does not. PostgreSQL picks message_id either way."""
+    return and_(
+        _RECIPIENTS.c.message_id == message_id,
+        type_coerce(_RECIPIENTS.c.state, String).concat(literal_column("''"))
+        == RecipientState.WAITING.value,
+    )
+
+
+_RELEASE_RECIPIENTS = update(_RECIPIENTS).where(_waiting_of(bindparam("mid")))
 
 
 async def lock_message(session: AsyncSession, message_id: str) -> Message | None:
@@ -268,8 +282,8 @@ async def end_message(
     message.state = check_message(message.state, target)
     message.updated_at = message.finished_at = now
     await session.execute(
-        update(Recipient)
-        .where(Recipient.message_id == message.id, Recipient.state == RecipientState.WAITING)
+        update(_RECIPIENTS)
+        .where(_waiting_of(message.id))
         .values(state=RecipientState.CANCELLED, updated_at=now, finished_at=now)
     )
 
