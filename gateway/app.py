@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import secrets
@@ -12,16 +13,14 @@ import socket
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from gateway.approvals import OnDecision, expiry_loop
 from gateway.audit import AuditLog
 from gateway.config import Config, ConfigError, load_config
 from gateway.credentials import Credentials
 from gateway.delivery import Delivery
-from gateway.http_api import create_app
 from gateway.intake import Intake
 from gateway.known_domains import KnownDomains
 from gateway.metrics import Metrics
@@ -30,9 +29,12 @@ from gateway.protect import Protector
 from gateway.retention import retention_loop
 from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
-from gateway.workflow_notices import WorkflowNotices
 from quarantine.db import Store
 from quarantine.migrate import SchemaStatus, schema_status, upgrade
+
+if TYPE_CHECKING:
+    from gateway.approvals import OnDecision
+    from gateway.workflow_notices import WorkflowNotices
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class Gateway:
         self._http: _QuietServer | None = None
         self.delivery: Delivery | None = None
         self.intake: Intake | None = None
+        self.notices: WorkflowNotices | None = None
         self.smtp_port = 0
         self.http_port = 0
         self.stopped = asyncio.Event()
@@ -112,14 +115,6 @@ class Gateway:
             prepare=protector.prepare,
             after_recorded=protector.after_recorded,
         )
-        self.notices = WorkflowNotices(
-            self.store,
-            self.audit,
-            self.config,
-            self.credentials,
-            self.clock,
-            wake=self.delivery.wake,
-        )
         approval = self.config.approval
         self.intake = intake = Intake(
             self.store,
@@ -129,16 +124,27 @@ class Gateway:
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
             on_queued=self.delivery.wake,
-            on_held=self.notices.held if approval.notify_by_mail else None,
+            on_held=self._on_held if approval.notify_by_mail else None,
             known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
         self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
         self.smtp_port = self._smtp.sockets[0].getsockname()[1]
         self._spawn(self.delivery.run(), "delivery")
+        # SMTP is up: the approval workflow and the HTTP app load now, in a thread so
+        # that sessions already connecting get their 220 meanwhile.
+        approvals = await _load("gateway.approvals")
+        self.notices = (await _load("gateway.workflow_notices")).WorkflowNotices(
+            self.store,
+            self.audit,
+            self.config,
+            self.credentials,
+            self.clock,
+            wake=self.delivery.wake,
+        )
         # Holds expire from the store's timestamps, so expiry survives restarts.
         self._spawn(
-            expiry_loop(
+            approvals.expiry_loop(
                 self.store,
                 self.config.approval,
                 self.clock,
@@ -166,7 +172,13 @@ class Gateway:
 
     @property
     def _on_decision(self) -> OnDecision | None:
-        return self.notices.decided if self.config.approval.notify_by_mail else None
+        if self.notices is None or not self.config.approval.notify_by_mail:
+            return None
+        return self.notices.decided
+
+    async def _on_held(self, message_id: str) -> None:
+        if self.notices is not None:
+            await self.notices.held(message_id)
 
     async def _check_schema(self) -> None:
         try:
@@ -205,7 +217,7 @@ class Gateway:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((listen.host, listen.port))
         self.http_port = sock.getsockname()[1]
-        app = create_app(
+        app = (await _load("gateway.http_api")).create_app(
             self.store,
             config=self.config,
             audit=self.audit,
@@ -278,6 +290,10 @@ class Gateway:
             await asyncio.sleep(0.05)
 
 
+async def _load(name: str) -> Any:
+    return await asyncio.to_thread(importlib.import_module, name)
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -287,6 +303,12 @@ def _safe_url(url: str) -> str:
 async def serve(config_path: Path) -> None:
     config = load_config(config_path)
     gateway = Gateway(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before start: SMTP answers while the rest is still loading, and a SIGTERM then
+    # must drain like any other, not kill the process mid-transaction.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await gateway.start()
     log.info(
         "Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
@@ -295,10 +317,6 @@ async def serve(config_path: Path) -> None:
         f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
         config.delivery.upstream,
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(config_path))
     await stop.wait()
     log.info("shutting down: finishing sessions and deliveries in flight")
