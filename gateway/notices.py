@@ -50,12 +50,27 @@ def password_notice(
     body = (template or PASSWORD_NOTICE).format(
         subject=subject, lines=listing, original_id=original_id
     )
+    return build_notice(
+        hostname=hostname,
+        to=to,
+        now=now,
+        body=body,
+        subject=f"添付ファイルのパスワード / Attachment password: {subject}",
+    )
+
+
+def build_notice(
+    *, hostname: str, to: Sequence[str], subject: str, body: str, now: datetime
+) -> bytes:
+    """A mail the gateway writes itself, from postmaster, marked auto-generated so that
+    no auto-responder answers it (RFC 3834). The body is base64: the text is
+    Japanese and English, and some smarthosts still lack 8BITMIME."""
     notice = EmailMessage(policy=SMTP_POLICY)
     notice["From"] = f"Sekisho <postmaster@{hostname}>"
     notice["To"] = ", ".join(to)
-    notice["Subject"] = f"[Sekisho] 添付ファイルのパスワード / Attachment password: {subject}"
+    notice["Subject"] = f"[Sekisho] {subject}"
     notice["Date"] = format_datetime(now)
     notice["Message-ID"] = make_msgid(domain=hostname)
-    notice["Auto-Submitted"] = "auto-generated"  # RFC 3834
+    notice["Auto-Submitted"] = "auto-generated"
     notice.set_content(body, cte="base64")
     return notice.as_bytes(policy=SMTP_POLICY)

@@ -14,8 +14,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 
 from sqlalchemy import select
 
@@ -24,7 +22,7 @@ from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.credentials import Credentials
 from gateway.ids import new_id
-from policies.mime import SMTP_POLICY
+from gateway.notices import build_notice
 from policies.verdict import Verdict
 from quarantine import repository as repo
 from quarantine.db import Store
@@ -240,20 +238,18 @@ class WorkflowNotices:
     def _build(
         self, to: list[str], message: Message, now: datetime, subject: str, body: str
     ) -> Notice:
-        notice = EmailMessage(policy=SMTP_POLICY)
-        host = self._config.smtp.hostname
-        notice["From"] = f"Sekisho <postmaster@{host}>"
-        notice["To"] = ", ".join(to)
-        notice["Subject"] = f"[Sekisho] {subject}"
-        notice["Date"] = format_datetime(now)
-        notice["Message-ID"] = make_msgid(domain=host)
-        notice["Auto-Submitted"] = "auto-generated"  # RFC 3834
-        notice.set_content(body + f"\nSekisho queue id: {message.id}\n", cte="base64")
+        raw = build_notice(
+            hostname=self._config.smtp.hostname,
+            to=to,
+            now=now,
+            subject=subject,
+            body=body + f"\nSekisho queue id: {message.id}\n",
+        )
         new = NewMessage(
             id=new_id(),
             mail_from="",
             rcpt_tos=to,
-            raw=notice.as_bytes(policy=SMTP_POLICY),
+            raw=raw,
             state=MessageState.QUEUED,
             verdict=Verdict.deliver().model_dump(mode="json"),
             subject=f"notice: {subject}",
