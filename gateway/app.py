@@ -114,6 +114,7 @@ class Gateway:
             reporting_host=self.config.smtp.hostname,
             prepare=protector.prepare,
             after_recorded=protector.after_recorded,
+            hold_for=self.config.approval.expire_after,
         )
         approval = self.config.approval
         self.intake = intake = Intake(

@@ -134,7 +134,8 @@ def deciders(message: Message, config: ApprovalConfig, now: datetime) -> tuple[s
     """Who decides a held or delayed message: the rule's approvers, else the defaults,
     plus `escalate_to` once it has waited `escalate_after`."""
     verdict: Mapping[str, Any] = message.verdict or {}
-    if verdict.get("action") not in ("hold", "delay"):
+    held_at_delivery = message.state is MessageState.HELD  # e.g. protection failed
+    if verdict.get("action") not in ("hold", "delay") and not held_at_delivery:
         return ()
     named = tuple(str(a) for a in verdict.get("approvers") or ()) or config.default_approvers
     escalated = (

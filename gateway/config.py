@@ -222,6 +222,16 @@ class DeliveryConfig(_Section):
     def _credentials(self) -> DeliveryConfig:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together: set both or neither")
+        if (
+            self.username is not None
+            and self.upstream.scheme == "smtp"
+            and self.starttls is not StartTls.REQUIRED
+        ):
+            # Opportunistic STARTTLS can be stripped by a man in the middle, who would
+            # then read the password in the AUTH command.
+            raise ValueError(
+                'credentials over smtp:// need starttls = "required" (or use smtps://)'
+            )
         if self.retry_initial > self.retry_max:
             raise ValueError("retry_initial is longer than retry_max")
         return self

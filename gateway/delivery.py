@@ -65,6 +65,7 @@ class Delivery:
         reporting_host: str,
         prepare: Prepare = send_as_stored,
         rng: random.Random | None = None,
+        hold_for: timedelta = timedelta(days=3),
         after_recorded: AfterRecorded | None = None,
     ) -> None:
         self._store = store
@@ -81,6 +82,7 @@ class Delivery:
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(config.workers)
+        self._hold_for = hold_for
         self._between_rounds = asyncio.Event()
         self._between_rounds.set()
         # Delay windows end on their own schedule: look for them once per poll
@@ -199,8 +201,14 @@ class Delivery:
 
     async def _hold(self, claim: Claim, reason: str) -> None:
         async with self._store.transaction() as session:
+            now = self._clock()
             held = await repo.hold_message(
-                session, claim.message_id, "protection-failed", self._clock()
+                session,
+                claim.message_id,
+                "protection-failed",
+                now,
+                owner=self.owner,
+                expires_at=now + self._hold_for,
             )
         if held:
             self._audit.emit(

@@ -100,7 +100,12 @@ class Intake:
 
     async def _submit(self, submission: Submission) -> str:
         data = submission.data
-        if has_bare_newlines(data):
+        large = len(data) >= OFFLOAD_BYTES
+        # Counting and rewriting line ends of 25 MB takes ~0.3 s: not on the loop.
+        bare = (
+            await asyncio.to_thread(has_bare_newlines, data) if large else has_bare_newlines(data)
+        )
+        if bare:
             if self._reject_bare:
                 self._audit.emit(
                     "message.refused",
@@ -109,7 +114,11 @@ class Intake:
                     client=submission.client_address,
                 )
                 return "550 5.6.0 Message contains a bare CR or LF (RFC 5321 section 2.3.8)"
-            data = normalize_newlines(data)
+            data = (
+                await asyncio.to_thread(normalize_newlines, data)
+                if large
+                else (normalize_newlines(data))
+            )
         now = self._clock()
         envelope = Envelope(
             mail_from=submission.mail_from,

@@ -7,12 +7,12 @@ the wrong company cannot be opened there. Recipients without a client password g
 one random password per message, kept in the store so retries and other domains'
 copies use the same one the sender was told. Internal recipients get the original.
 
-With `notify = "recipients_later"` each password group's notice is stored delayed,
+With `notify = "recipients_later"` each recipient's notice is stored delayed,
 marked `awaiting-delivery:<original id>` in its `rule`, with no release time in
 sight. Delivery calls `after_recorded` in the same transaction that records the
 original's outcomes; once every member of the group is finished, the notice is timed
-to leave `notify_delay` later, addressed only to the members who got the ZIP (or
-cancelled when none did). All of it is in the store, so a restart changes nothing.
+to leave `notify_delay` later if that recipient got the ZIP (or is cancelled when
+not). All of it is in the store, so a restart changes nothing.
 """
 
 from __future__ import annotations
@@ -192,16 +192,19 @@ class Protector:
                 shared.setdefault((secret, method.value), []).append(address)
         subject = message.subject if message else None
         if notify == "recipients_later":
+            # One notice per recipient: a shared notice would show recipients of other
+            # companies (and Bcc'd ones) to each other.
             for (secret, method_name), members in shared.items():
-                await self._add_notice(
-                    session,
-                    claim,
-                    members,
-                    [(", ".join(members), secret, method_name)],
-                    subject,
-                    now,
-                    awaiting=claim.message_id,
-                )
+                for member in members:
+                    await self._add_notice(
+                        session,
+                        claim,
+                        [member],
+                        [(member, secret, method_name)],
+                        subject,
+                        now,
+                        awaiting=claim.message_id,
+                    )
             return
         lines = [(", ".join(m), secret, name) for (secret, name), m in shared.items()]
         await self._add_notice(session, claim, [claim.mail_from], lines, subject, now)

@@ -134,6 +134,9 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if address.lower() in (r.lower() for r in envelope.rcpt_tos):
+            # The same address twice (To and Cc, say) is one recipient: one copy.
+            return "250 2.1.5 OK (duplicate recipient)"
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 tells the client to send the rest in another transaction.
             return "452 4.5.3 Too many recipients"

@@ -86,7 +86,15 @@ class SmtpTransport:
             await client.ehlo()
         except SMTPResponseException as error:
             client.close()
-            raise _failure(error.code, error.message) from None
+            # A refusal while connecting, greeting or authenticating (a rotated
+            # password answered 535, say) says nothing about any message: retry,
+            # never bounce the queue (Postfix: smtp_sasl_auth_soft_bounce).
+            auth = isinstance(error, aiosmtplib.SMTPAuthenticationError)
+            raise TemporaryFailure(
+                f"upstream refused the session: {error.code} {error.message}",
+                code=454 if auth else 421,
+                status="4.7.0" if auth else "4.4.2",
+            ) from None
         except (TimeoutError, OSError, aiosmtplib.SMTPException) as error:
             client.close()
             raise TemporaryFailure(

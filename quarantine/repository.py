@@ -141,6 +141,10 @@ async def claim_due(
         .where(
             Recipient.state.in_(DUE_RECIPIENT_STATES),
             Recipient.next_attempt_at <= now,
+            # only released mail: a message held again at delivery sends nothing more
+            select(Message.id)
+            .where(Message.id == Recipient.message_id, Message.state == MessageState.QUEUED)
+            .exists(),
             or_(Recipient.lease_expires_at.is_(None), Recipient.lease_expires_at < now),
         )
         .order_by(Recipient.next_attempt_at)
@@ -302,17 +306,40 @@ async def release_message(session: AsyncSession, message_id: str, now: datetime)
     return True
 
 
-async def hold_message(session: AsyncSession, message_id: str, reason: str, now: datetime) -> bool:
-    """Queued → held, its unfinished recipients back to waiting (fail closed)."""
+async def hold_message(
+    session: AsyncSession,
+    message_id: str,
+    reason: str,
+    now: datetime,
+    *,
+    owner: str | None = None,
+    expires_at: datetime | None = None,
+) -> bool:
+    """Queued → held, its unfinished recipients back to waiting (fail closed).
+
+    Recipients another worker is sending to right now keep their lease, so that
+    worker's result is recorded rather than dropped; claims skip recipients of any
+    message that is not queued, so nothing more leaves until someone approves it.
+    """
     message = await session.get(Message, message_id, with_for_update=True)
     if message is None or message.state is not MessageState.QUEUED:
         return False
     message.state = check_message(message.state, MessageState.HELD)
     message.rule = reason
     message.updated_at = now
+    message.release_at = expires_at  # a hold's expiry, not the old end of a delay
+    not_in_flight = or_(
+        Recipient.lease_owner.is_(None),
+        Recipient.lease_owner == owner,
+        Recipient.lease_expires_at < now,
+    )
     await session.execute(
         update(Recipient)
-        .where(Recipient.message_id == message_id, Recipient.state.in_(DUE_RECIPIENT_STATES))
+        .where(
+            Recipient.message_id == message_id,
+            Recipient.state.in_(DUE_RECIPIENT_STATES),
+            not_in_flight,
+        )
         .values(
             state=RecipientState.WAITING,
             next_attempt_at=None,
