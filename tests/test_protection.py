@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,9 @@ async def test_message_that_cannot_be_protected_is_held_not_sent(
 
             await asyncio.sleep(0.05)
     assert message.state == "held" and message.rule == "protection-failed"
+    # it waits for a person for [approval].expire_after, not for a delay long past
+    assert message.release_at is not None
+    assert message.release_at > datetime.now(UTC) + timedelta(days=2)
     assert upstream.received == []
     assert '"event":"message.held"' in Path(config.audit.path).read_text()
 
