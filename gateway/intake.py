@@ -225,9 +225,3 @@ def _plain(value: object) -> object:
     if isinstance(value, tuple | list | frozenset | set):
         return [_plain(v) for v in value]
     return value
-
-
-def smtp_text(text: str, limit: int = 400) -> str:
-    """One line of printable text for an SMTP reply: no CR/LF, at most `limit` chars."""
-    flat = " ".join(text.split())
-    return flat[:limit]

@@ -35,8 +35,5 @@ class KnownDomains:
         except Exception:
             log.warning("could not refresh known recipient domains; keeping the last set")
 
-    def add(self, domains: frozenset[str]) -> None:
-        self.domains = self.domains | domains
-
     def current(self) -> frozenset[str]:
         return self.domains

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from gateway.audit import AuditLog
 from gateway.config import AuthMode, SmtpConfig
@@ -344,4 +344,4 @@ async def start_smtp(config: SmtpConfig, handler: Handler, counters: Counters) -
     )
 
 
-__all__ = ["Counters", "GatewaySMTP", "Handler", "LoginPassword", "start_smtp", "tls_context"]
+__all__ = ["Counters", "GatewaySMTP", "Handler", "start_smtp", "tls_context"]

@@ -361,12 +361,6 @@ async def due_delays(session: AsyncSession, now: datetime, limit: int = 100) -> 
     return list(rows.all())
 
 
-async def next_due_at(session: AsyncSession) -> datetime | None:
-    return await session.scalar(
-        select(func.min(Recipient.next_attempt_at)).where(Recipient.state.in_(DUE_RECIPIENT_STATES))
-    )
-
-
 async def queue_depth(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(Message.state, func.count()).group_by(Message.state))
     return {str(state): count for state, count in rows.all()}
