@@ -283,7 +283,11 @@ async def test_recipients_later_notice_leaves_only_after_the_protected_mail(
     # but both reached their recipients before the key to them left.
     copies = [r for r in received if not _is_notice(r)]
     notices = [r for r in received if _is_notice(r)]
-    assert received[: len(copies)] == copies  # every notice after every copy
+    # each recipient's notice leaves only after that recipient's protected copy
+    for rcpt in rcpts:
+        copy_at = next(i for i, r in enumerate(received) if rcpt in r.rcpt_tos and r in copies)
+        notice_at = next(i for i, r in enumerate(received) if r.rcpt_tos == [rcpt] and r in notices)
+        assert copy_at < notice_at, (rcpt, [(r.rcpt_tos, _is_notice(r)) for r in received])
     assert sorted(a for c in copies for a in c.rcpt_tos) == rcpts
     # one notice per recipient: neither learns who else got the file
     assert sorted(n.rcpt_tos[0] for n in notices) == rcpts
