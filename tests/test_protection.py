@@ -137,7 +137,11 @@ async def test_zipcrypto_copy_opens_with_unzip_and_7z_and_not_with_the_other_pas
         assert files_in(good) == {samples.XLSX_NAME: samples.xlsx_bytes()}
         bad = tmp_path / f"bad-{extract.__name__}"
         assert extract(archive, ACME_PASSWORD, bad).returncode != 0
-        assert not bad.exists() or not any(p.stat().st_size for p in bad.rglob("*") if p.is_file())
+        # ZipCrypto's password check is one byte (APPNOTE 6.1.6), so 1 time in 256 a
+        # wrong password gets past it and the tool writes garbage before the CRC check
+        # fails; what matters is that the file itself is never recovered.
+        leaked = [p for p in bad.rglob("*") if p.is_file()] if bad.exists() else []
+        assert all(p.read_bytes() != samples.xlsx_bytes() for p in leaked)
 
 
 async def test_sender_gets_one_notice_with_the_password_and_it_is_nowhere_else(
