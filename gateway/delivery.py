@@ -113,9 +113,12 @@ class Delivery:
 
     async def run_once(self) -> int:
         """Claim what is due (up to the free worker slots), start sending it."""
-        if self._clock() >= self._next_delay_check:
+        now = self._clock()
+        if now >= self._next_delay_check:
+            # Scheduled from the time the check looks at, not from when it finished:
+            # time that passes during the check must not be skipped.
+            self._next_delay_check = now + self._config.poll_interval
             await self._release_due_delays()
-            self._next_delay_check = self._clock() + self._config.poll_interval
         free = self._config.workers - len(self._inflight)
         if free <= 0:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
