@@ -27,6 +27,8 @@ import structlog
 
 log = logging.getLogger(__name__)
 GENESIS = "0" * 64
+# An event and its fields, held back until the transaction it describes has committed.
+Event = tuple[str, dict[str, Any]]
 # Keys that could carry a message body or a secret. A caller passing one is a bug:
 # the value is replaced rather than written, and the line says so.
 FORBIDDEN_KEYS = frozenset(

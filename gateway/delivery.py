@@ -1,9 +1,11 @@
 """Delivery workers: claim due recipients under a lease, send, record each outcome.
 
-Each recipient's result is committed the moment the upstream answers. Delivery is
-at-least-once across a crash mid-send: a lease that expires is taken over by
-another worker (or instance), which may send again what the dead one had sent but
-not yet recorded.
+Each recipient's result is committed as soon as the upstream answers, in the next
+bookkeeping transaction (the results of sends that finish together share one).
+Delivery is at-least-once across a crash mid-send: a lease that expires is taken
+over by another worker (or instance), which may send again what the dead one had
+sent but not yet recorded. Leases and results are bookkeeping (`durable=False`, see
+`Store`): a power cut may forget them, which can only mean a second send.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, Event
 from gateway.config import DeliveryConfig
 from gateway.dsn import Failed, build_dsn
 from gateway.errors import PermanentFailure, SmtpFailure, TemporaryFailure
@@ -28,7 +30,7 @@ from gateway.transports import Results, Transport
 from policies.verdict import Verdict
 from quarantine import repository as repo
 from quarantine.db import Store
-from quarantine.repository import Claim, ClaimedRecipient, NewMessage
+from quarantine.repository import Claim, ClaimedRecipient, NewMessage, OutcomeRow
 from quarantine.states import MessageState, RecipientState
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,15 @@ log = logging.getLogger(__name__)
 # A prepared delivery: the bytes to send to some of a claim's recipients. The
 # encryption and Bcc transforms turn one stored message into one or more of these.
 Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes]]]]
-AfterRecorded = Callable[[AsyncSession, Claim, datetime], Awaitable[None]]
+AfterRecorded = Callable[[AsyncSession, Claim, datetime], Awaitable[list[Event]]]
 
 
 async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[str], bytes]]:
     return [([r.address for r in claim.recipients], raw)]
+
+
+# Claims recorded in one bookkeeping transaction at most.
+RECORD_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,13 @@ class Outcome:
     code: int | None
     response: str
     next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    claim: Claim
+    outcomes: Sequence[Outcome]
+    done: asyncio.Future[None]
 
 
 class Delivery:
@@ -78,6 +91,8 @@ class Delivery:
         self._prepare = prepare
         self._rng = rng or random.Random()
         self._after_recorded = after_recorded
+        self._to_record: list[_Pending] = []
+        self._recorder: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -124,7 +139,7 @@ class Delivery:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return 1
         now = self._clock()
-        async with self._store.transaction() as session:
+        async with self._store.transaction(durable=False) as session:
             claims = await repo.claim_due(
                 session,
                 owner=self.owner,
@@ -157,7 +172,7 @@ class Delivery:
             for task in pending:
                 task.cancel()
         with contextlib.suppress(Exception):
-            async with self._store.transaction() as session:
+            async with self._store.transaction(durable=False) as session:
                 await repo.return_leases(session, self.owner)
 
     async def _release_due_delays(self) -> None:
@@ -168,7 +183,7 @@ class Delivery:
             due = await repo.due_delays(session, now)
         if not due:
             return
-        async with self._store.transaction() as session:
+        async with self._store.transaction(durable=False) as session:
             for message_id in await repo.due_delays(session, now):
                 await repo.release_message(session, message_id, now)
                 self._audit.emit("message.released", id=message_id, reason="delay-ended")
@@ -203,7 +218,7 @@ class Delivery:
             await self._record(claim, outcomes)
 
     async def _hold(self, claim: Claim, reason: str) -> None:
-        async with self._store.transaction() as session:
+        async with self._store.transaction(durable=False) as session:
             now = self._clock()
             held = await repo.hold_message(
                 session,
@@ -269,50 +284,73 @@ class Delivery:
         return jittered
 
     async def _record(self, claim: Claim, outcomes: Sequence[Outcome]) -> None:
-        now = self._clock()
-        bounced: list[Failed] = []
-        async with self._store.transaction() as session:
-            for o in outcomes:
-                kept = await repo.record_outcome(
-                    session,
-                    o.recipient.id,
-                    state=o.state,
-                    code=o.code,
-                    response=o.response,
-                    now=now,
-                    owner=self.owner,
-                    next_attempt_at=o.next_attempt_at,
-                )
-                if kept and o.state is RecipientState.BOUNCED:
-                    bounced.append(Failed(o.recipient.address, o.code, o.response))
-                if kept:
-                    self._audit_outcome(claim, o)
-            if bounced and claim.mail_from and claim.kind != "dsn":
-                await self._queue_dsn(session, claim, bounced, now)
-            for message_id, state in await repo.finish_messages(session, [claim.message_id], now):
-                self._audit.emit(f"message.{state.value}", id=message_id)
-            if self._after_recorded is not None:
-                await self._after_recorded(session, claim, now)
+        """Record outcomes in the next bookkeeping commit and wait for it: sends that
+        finish while a commit runs share the one after it (one transaction, one turn
+        of SQLite's write lock, for what twenty workers finished meanwhile)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._to_record.append(_Pending(claim, outcomes, done))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = loop.create_task(self._record_pending(), name="delivery-recorder")
+        await done
 
-    def _audit_outcome(self, claim: Claim, o: Outcome) -> None:
-        event = {
-            RecipientState.DELIVERED: "delivery.sent",
-            RecipientState.DEFERRED: "delivery.deferred",
-            RecipientState.BOUNCED: "delivery.bounced",
-        }[o.state]
-        self._audit.emit(
-            event,
-            id=claim.message_id,
-            rcpt=o.recipient.address,
-            code=o.code,
-            response=o.response[:300],
-            attempt=o.recipient.attempts + 1,
-            retry_at=o.next_attempt_at.isoformat() if o.next_attempt_at else None,
+    async def _record_pending(self) -> None:
+        while self._to_record:
+            batch = self._to_record[:RECORD_BATCH]
+            del self._to_record[: len(batch)]
+            await self._commit_outcomes(batch)
+
+    async def _commit_outcomes(self, batch: Sequence[_Pending]) -> None:
+        try:
+            async with self._store.transaction(durable=False) as session:
+                events = await self._apply(session, batch)
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0].done, error)
+                return
+            # One claim that cannot be recorded must not fail the others.
+            log.warning("recording %d claims failed (%r); retrying singly", len(batch), error)
+            for item in batch:
+                await self._commit_outcomes([item])
+            return
+        for event, fields in events:  # only what was committed reaches the audit log
+            self._audit.emit(event, **fields)
+        for item in batch:
+            _settle(item.done, None)
+
+    async def _apply(self, session: AsyncSession, batch: Sequence[_Pending]) -> list[Event]:
+        now = self._clock()
+        kept = await repo.record_outcomes(
+            session,
+            [
+                OutcomeRow(o.recipient.id, o.state, o.code, o.response, o.next_attempt_at)
+                for item in batch
+                for o in item.outcomes
+            ],
+            owner=self.owner,
+            now=now,
         )
+        events: list[Event] = []
+        for item in batch:
+            claim, bounced = item.claim, []
+            for o in item.outcomes:
+                if o.recipient.id not in kept:
+                    continue  # the lease was lost: another worker's result stands
+                events.append(_outcome_event(claim, o))
+                if o.state is RecipientState.BOUNCED:
+                    bounced.append(Failed(o.recipient.address, o.code, o.response))
+            if bounced and claim.mail_from and claim.kind != "dsn":
+                events.append(await self._queue_dsn(session, claim, bounced, now))
+        finished = await repo.finish_messages(session, [i.claim.message_id for i in batch], now)
+        events.extend((f"message.{state.value}", {"id": mid}) for mid, state in finished)
+        if self._after_recorded is not None:
+            for item in batch:
+                events.extend(await self._after_recorded(session, item.claim, now))
+        return events
 
     async def _queue_dsn(
         self, session: AsyncSession, claim: Claim, bounced: list[Failed], now: datetime
-    ) -> None:
+    ) -> Event:
         """A bounce goes back to the sender as a queued message with the null sender,
         so it is durable and retried like any other; a bounce never bounces."""
         raw = await repo.load_raw(session, claim.message_id)
@@ -340,7 +378,34 @@ class Delivery:
             ),
             now,
         )
-        self._audit.emit(
-            "dsn.queued", id=dsn_id, original=claim.message_id, rcpt=[f.address for f in bounced]
-        )
         self.wake()
+        return "dsn.queued", {
+            "id": dsn_id,
+            "original": claim.message_id,
+            "rcpt": [f.address for f in bounced],
+        }
+
+
+def _outcome_event(claim: Claim, o: Outcome) -> Event:
+    event = {
+        RecipientState.DELIVERED: "delivery.sent",
+        RecipientState.DEFERRED: "delivery.deferred",
+        RecipientState.BOUNCED: "delivery.bounced",
+    }[o.state]
+    return event, {
+        "id": claim.message_id,
+        "rcpt": o.recipient.address,
+        "code": o.code,
+        "response": o.response[:300],
+        "attempt": o.recipient.attempts + 1,
+        "retry_at": o.next_attempt_at.isoformat() if o.next_attempt_at else None,
+    }
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # the worker was cancelled (stop's grace ran out)
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, Event
 from gateway.config import Config
 from gateway.ids import new_id
 from gateway.notices import password_notice
@@ -249,11 +249,14 @@ class Protector:
             "notice.queued", id=notice_id, original=claim.message_id, rcpt=to, kind="zip-password"
         )
 
-    async def after_recorded(self, session: AsyncSession, claim: Claim, now: datetime) -> None:
+    async def after_recorded(
+        self, session: AsyncSession, claim: Claim, now: datetime
+    ) -> list[Event]:
         """Time the notices that wait for this message's delivery (see the module
-        docstring); called by delivery inside the transaction that recorded outcomes."""
+        docstring); called by delivery inside the transaction that recorded outcomes,
+        which emits the returned audit events once that transaction has committed."""
         if claim.kind != "message" or not claim.verdict.get("encrypt"):
-            return
+            return []
         notices = (
             await session.scalars(
                 select(Message)
@@ -265,15 +268,19 @@ class Protector:
             )
         ).all()
         if not notices:
-            return
+            return []
         rows = await session.execute(
             select(Recipient.address, Recipient.state).where(
                 Recipient.message_id == claim.message_id
             )
         )
         original = {address: state for address, state in rows.all()}
+        events = []
         for notice in notices:
-            await self._time_notice(session, notice, original, claim.message_id, now)
+            event = await self._time_notice(session, notice, original, claim.message_id, now)
+            if event is not None:
+                events.append(event)
+        return events
 
     async def _time_notice(
         self,
@@ -282,7 +289,7 @@ class Protector:
         original: dict[str, RecipientState],
         original_id: str,
         now: datetime,
-    ) -> None:
+    ) -> Event | None:
         waiting = (
             await session.scalars(
                 select(Recipient).where(
@@ -292,7 +299,7 @@ class Protector:
             )
         ).all()
         if any(original.get(r.address) not in FINAL_RECIPIENT_STATES for r in waiting):
-            return  # a member's copy is still on its way
+            return None  # a member's copy is still on its way
         for recipient in waiting:
             if original.get(recipient.address) is not RecipientState.DELIVERED:
                 # No ZIP reached them, so neither may its password.
@@ -303,11 +310,10 @@ class Protector:
         to = [r.address for r in waiting if r.state is RecipientState.WAITING]
         if to:
             notice.release_at = now + self._config.encryption.notify_delay
-            self._audit.emit("notice.scheduled", id=notice.id, original=original_id, rcpt=to)
-        else:
-            notice.state = check_message(notice.state, MessageState.CANCELLED)
-            notice.finished_at = now
-            self._audit.emit("notice.cancelled", id=notice.id, original=original_id)
+            return "notice.scheduled", {"id": notice.id, "original": original_id, "rcpt": to}
+        notice.state = check_message(notice.state, MessageState.CANCELLED)
+        notice.finished_at = now
+        return "notice.cancelled", {"id": notice.id, "original": original_id}
 
 
 def _client(policy: Policy, name: str | None) -> ClientSpec | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -29,15 +30,18 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database {backend!r}")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every
-    # commit, which is what lets a 250 mean the message survives a power cut.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on
+        # every commit, which is what lets a 250 mean the message survives a power cut.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return on_connect
 
 
 class Store:
@@ -45,6 +49,15 @@ class Store:
 
     SQLite has one writer at a time: write transactions queue on a process-local
     lock instead of failing with `database is locked`. PostgreSQL needs no lock.
+
+    Two kinds of write transaction. A durable one (the default) is on disk when it
+    returns: accepting a message, a decision over HTTP, a ZIP password. A
+    bookkeeping one (`durable=False`) is atomic but its flush to disk rides on the
+    next durable commit: delivery's leases and outcomes, whose loss in a power cut
+    can only make a message be sent again, never lost (Postfix does not fsync the
+    removal of a delivered queue file either). A crash of the process loses neither:
+    SQLite's WAL and PostgreSQL's WAL buffers survive it; only the OS or the power
+    going away can.
     """
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
@@ -58,19 +71,29 @@ class Store:
                 pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=10
             )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
-        if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._bookkeeping = self.sessions
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas("FULL"))
+            # synchronous is a property of the connection, so bookkeeping gets its
+            # own small pool; the write lock above still serialises both.
+            self._lazy_engine = create_async_engine(self.url, **kwargs)
+            event.listen(self._lazy_engine.sync_engine, "connect", _sqlite_pragmas("NORMAL"))
+            self._bookkeeping = async_sessionmaker(self._lazy_engine, expire_on_commit=False)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One write transaction: commits on success, rolls back on any exception."""
-        if self._write_lock is None:
-            async with self.sessions() as session, session.begin():
-                yield session
-            return
-        async with self._write_lock, self.sessions() as session, session.begin():
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[AsyncSession]:
+        """One write transaction: commits on success, rolls back on any exception.
+        `durable=False`: see the class docstring for what may skip the fsync."""
+        sessions = self.sessions if durable else self._bookkeeping
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            session = await stack.enter_async_context(sessions())
+            await stack.enter_async_context(session.begin())
+            if not durable and not self.is_sqlite:
+                await session.execute(_NOT_SYNCHRONOUS)
             yield session
 
     @asynccontextmanager
@@ -80,6 +103,12 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.is_sqlite:
+            await self._lazy_engine.dispose()
+
+
+# PostgreSQL: this transaction's commit returns before its WAL record is flushed.
+_NOT_SYNCHRONOUS = text("SET LOCAL synchronous_commit TO OFF")
 
 
 def _ensure_parent(url: str) -> None:

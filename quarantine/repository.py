@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quarantine.models import Body, Message, Recipient
@@ -122,6 +122,60 @@ class ClaimedRecipient:
     queued_at: datetime
 
 
+# The delivery hot path's statements are built once: building a statement costs more
+# CPU than SQLite takes to run it, and a prebuilt one also hits the compiled cache
+# without computing its cache key again. Core, not ORM: nothing here needs objects.
+_RECIPIENTS: Table = Recipient.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+_recipients = _RECIPIENTS.c
+_messages = _MESSAGES.c
+_bodies = Body.__table__.c
+
+_DUE = (
+    select(_recipients.id, _recipients.message_id, _recipients.domain)
+    .where(
+        _recipients.state.in_(sorted(DUE_RECIPIENT_STATES)),
+        _recipients.next_attempt_at <= bindparam("now"),
+        # only released mail: a message held again at delivery sends nothing more
+        select(_messages.id)
+        .where(_messages.id == _recipients.message_id, _messages.state == MessageState.QUEUED)
+        .exists(),
+        or_(
+            _recipients.lease_expires_at.is_(None),
+            _recipients.lease_expires_at < bindparam("now"),
+        ),
+    )
+    .order_by(_recipients.next_attempt_at)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_LEASE = (
+    update(_RECIPIENTS)
+    .where(_recipients.id.in_(bindparam("ids", expanding=True)))
+    .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("until"))
+)
+_CLAIMED = (
+    select(
+        _recipients.id,
+        _recipients.address,
+        _recipients.attempts,
+        _recipients.queued_at,
+        _recipients.domain,
+        _messages.id,
+        _messages.mail_from,
+        _messages.kind,
+        _messages.created_at,
+        _messages.verdict,
+    )
+    .join(_MESSAGES, _messages.id == _recipients.message_id)
+    .where(_recipients.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_recipients.id)
+)
+_CLAIMED_BODIES = select(_bodies.message_id, _bodies.raw).where(
+    _bodies.message_id.in_(bindparam("ids", expanding=True))
+)
+
+
 async def claim_due(
     session: AsyncSession,
     *,
@@ -136,27 +190,12 @@ async def claim_due(
     instances claim at once without waiting on each other or taking the same row;
     SQLAlchemy drops it on SQLite, where the store's write lock serialises claims.
     """
-    due = (
-        select(Recipient.id, Recipient.message_id, Recipient.domain)
-        .where(
-            Recipient.state.in_(DUE_RECIPIENT_STATES),
-            Recipient.next_attempt_at <= now,
-            # only released mail: a message held again at delivery sends nothing more
-            select(Message.id)
-            .where(Message.id == Recipient.message_id, Message.state == MessageState.QUEUED)
-            .exists(),
-            or_(Recipient.lease_expires_at.is_(None), Recipient.lease_expires_at < now),
-        )
-        .order_by(Recipient.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
     # Lease only as many transactions as the caller can start now: a lease must not
     # run out while its claim waits in this process for a free worker, or the same
     # recipients would be claimed again and sent twice.
     kept: dict[tuple[str, str], None] = {}
     ids = []
-    for rid, message_id, domain in (await session.execute(due)).all():
+    for rid, message_id, domain in await session.execute(_DUE, {"now": now, "limit": limit}):
         key = (message_id, domain)
         if key not in kept and max_groups is not None and len(kept) >= max_groups:
             continue
@@ -164,36 +203,14 @@ async def claim_due(
         ids.append(rid)
     if not ids:
         return []
-    await session.execute(
-        update(Recipient)
-        .where(Recipient.id.in_(ids))
-        .values(lease_owner=owner, lease_expires_at=now + lease)
-    )
-    rows = await session.execute(
-        select(
-            Recipient.id,
-            Recipient.address,
-            Recipient.attempts,
-            Recipient.queued_at,
-            Recipient.domain,
-            Message.id,
-            Message.mail_from,
-            Message.kind,
-            Message.created_at,
-            Message.verdict,
-        )
-        .join(Message, Message.id == Recipient.message_id)
-        .where(Recipient.id.in_(ids))
-        .order_by(Recipient.id)
-    )
+    await session.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease})
     groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
     messages: dict[str, tuple[str, str, datetime, dict[str, Any]]] = {}
+    rows = await session.execute(_CLAIMED, {"ids": ids})
     for rid, address, attempts, queued_at, domain, mid, mail_from, kind, created, verdict in rows:
         groups[(mid, domain)].append(ClaimedRecipient(rid, address, attempts, queued_at or created))
         messages[mid] = (mail_from, kind, created, verdict)
-    found = await session.execute(
-        select(Body.message_id, Body.raw).where(Body.message_id.in_(list(messages)))
-    )
+    found = await session.execute(_CLAIMED_BODIES, {"ids": list(messages)})
     bodies: dict[str, bytes | None] = {mid: raw for mid, raw in found}
     return [
         Claim(mid, *messages[mid], domain, tuple(rcpts), bodies.get(mid))
@@ -205,43 +222,107 @@ async def load_raw(session: AsyncSession, message_id: str) -> bytes | None:
     return await session.scalar(select(Body.raw).where(Body.message_id == message_id))
 
 
-async def record_outcome(
-    session: AsyncSession,
-    recipient_id: int,
-    *,
-    state: RecipientState,
-    code: int | None,
-    response: str,
-    now: datetime,
-    owner: str,
-    next_attempt_at: datetime | None = None,
-) -> bool:
-    """Record one recipient's outcome the moment it is known, if we still hold its lease.
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """One recipient's result, as delivery hands it to `record_outcomes`."""
 
-    Returns False when the lease was lost (expired and taken by another worker): the
-    other worker's result stands, and this one is dropped rather than overwriting it.
+    recipient_id: int
+    state: RecipientState
+    code: int | None
+    response: str
+    next_attempt_at: datetime | None = None
+
+
+_RECORD = (
+    update(_RECIPIENTS)
+    .where(
+        _recipients.id.in_(bindparam("ids", expanding=True)),
+        _recipients.lease_owner == bindparam("owner"),
+        _recipients.state.in_(sorted(DUE_RECIPIENT_STATES)),
+    )
+    .values(
+        state=bindparam("state"),
+        last_code=bindparam("code"),
+        last_response=bindparam("response"),
+        updated_at=bindparam("now"),
+        attempts=_recipients.attempts + 1,
+        next_attempt_at=bindparam("next_attempt_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+        finished_at=bindparam("finished_at"),
+    )
+    .returning(_recipients.id)
+)
+
+
+async def record_outcomes(
+    session: AsyncSession, outcomes: Iterable[OutcomeRow], *, owner: str, now: datetime
+) -> set[int]:
+    """Record recipients' outcomes, if we still hold their leases; return the ids kept.
+
+    A recipient whose lease was lost (expired and taken by another worker) is left
+    alone: the other worker's result stands. Outcomes that share their values (one
+    SMTP transaction answers every recipient alike) are one statement.
     """
-    final = state in FINAL_RECIPIENT_STATES
-    result = await session.execute(
-        update(Recipient)
+    alike: dict[tuple[RecipientState, int | None, str, datetime | None], list[int]] = {}
+    for o in outcomes:
+        key = (o.state, o.code, o.response[:1000], o.next_attempt_at)
+        alike.setdefault(key, []).append(o.recipient_id)
+    kept: set[int] = set()
+    for (state, code, response, next_attempt_at), ids in alike.items():
+        params = {
+            "ids": ids,
+            "owner": owner,
+            "state": state,
+            "code": code,
+            "response": response,
+            "now": now,
+            "next_attempt_at": next_attempt_at,
+            "finished_at": now if state in FINAL_RECIPIENT_STATES else None,
+        }
+        kept.update(await session.scalars(_RECORD, params))
+    return kept
+
+
+def _finish_statement() -> Any:
+    # The table in states.py allows exactly these two moves out of QUEUED here.
+    check_message(MessageState.QUEUED, MessageState.DELIVERED)
+    check_message(MessageState.QUEUED, MessageState.BOUNCED)
+    unfinished = (
+        select(_recipients.id)
         .where(
-            Recipient.id == recipient_id,
-            Recipient.lease_owner == owner,
-            Recipient.state.in_(DUE_RECIPIENT_STATES),
+            _recipients.message_id == _messages.id,
+            _recipients.state.not_in(sorted(FINAL_RECIPIENT_STATES)),
+        )
+        .exists()
+    )
+    any_delivered = (
+        select(_recipients.id)
+        .where(
+            _recipients.message_id == _messages.id,
+            _recipients.state == RecipientState.DELIVERED,
+        )
+        .exists()
+    )
+    return (
+        update(_MESSAGES)
+        .where(
+            _messages.id.in_(bindparam("ids", expanding=True)),
+            _messages.state == MessageState.QUEUED,
+            ~unfinished,
         )
         .values(
-            state=state,
-            last_code=code,
-            last_response=response[:1000],
-            updated_at=now,
-            attempts=Recipient.attempts + 1,
-            next_attempt_at=next_attempt_at,
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=now if final else None,
+            state=case(
+                (any_delivered, MessageState.DELIVERED.value), else_=MessageState.BOUNCED.value
+            ),
+            updated_at=bindparam("now"),
+            finished_at=bindparam("now"),
         )
+        .returning(_messages.id, _messages.state)
     )
-    return bool(getattr(result, "rowcount", 0))
+
+
+_FINISH = _finish_statement()
 
 
 async def finish_messages(
@@ -252,32 +333,7 @@ async def finish_messages(
     ids = list(set(message_ids))
     if not ids:
         return []
-    unfinished = (
-        select(Recipient.id)
-        .where(Recipient.message_id == Message.id, Recipient.state.not_in(FINAL_RECIPIENT_STATES))
-        .exists()
-    )
-    any_delivered = (
-        select(Recipient.id)
-        .where(Recipient.message_id == Message.id, Recipient.state == RecipientState.DELIVERED)
-        .exists()
-    )
-    # The table in states.py allows exactly these two moves out of QUEUED here.
-    check_message(MessageState.QUEUED, MessageState.DELIVERED)
-    check_message(MessageState.QUEUED, MessageState.BOUNCED)
-    result = await session.execute(
-        update(Message)
-        .where(Message.id.in_(ids), Message.state == MessageState.QUEUED, ~unfinished)
-        .values(
-            state=case(
-                (any_delivered, MessageState.DELIVERED.value), else_=MessageState.BOUNCED.value
-            ),
-            updated_at=now,
-            finished_at=now,
-        )
-        .returning(Message.id, Message.state)
-        .execution_options(synchronize_session=False)
-    )
+    result = await session.execute(_FINISH, {"ids": ids, "now": now})
     return [(mid, MessageState(state)) for mid, state in result.all()]
 
 
