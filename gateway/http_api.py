@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -76,7 +77,18 @@ def create_app(
         return Response(await metrics.render(), media_type=metrics.content_type)
 
     _add_api(app, store, config, audit, clock, wake, on_decision)
+    settle_heap()
     return app
+
+
+def settle_heap() -> None:
+    """Move what start-up built (modules, config, rules: ~150,000 objects) out of the
+    collector's reach. Otherwise every full collection walks it all: ~100 ms on two
+    cores, once every ~140 requests of a listing page, which was the listing's p99.
+    The HTTP app is the last thing the gateway loads. Garbage is collected first, so
+    that nothing already dead is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 def _add_api(
