@@ -53,8 +53,8 @@ class GroupCommitter:
         self, batch: Sequence[tuple[NewMessage, datetime, asyncio.Future[None]]]
     ) -> None:
         try:
-            async with self._store.transaction() as session:
-                await repo.add_messages(session, [(m, now) for m, now, _ in batch])
+            rows = [(m, now) for m, now, _ in batch]
+            await self._store.run(lambda session: repo.add_messages(session, rows))
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0][2], error)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from gateway.audit import AuditLog, Event
 from gateway.config import DeliveryConfig
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 # A prepared delivery: the bytes to send to some of a claim's recipients. The
 # encryption and Bcc transforms turn one stored message into one or more of these.
 Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes]]]]
-AfterRecorded = Callable[[AsyncSession, Claim, datetime], Awaitable[list[Event]]]
+AfterRecorded = Callable[[Session, Claim, datetime], list[Event]]
 
 
 async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[str], bytes]]:
@@ -139,15 +140,17 @@ class Delivery:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return 1
         now = self._clock()
-        async with self._store.transaction(durable=False) as session:
-            claims = await repo.claim_due(
-                session,
+        claims = await self._store.run(
+            functools.partial(
+                repo.claim_due,
                 owner=self.owner,
                 now=now,
                 lease=self._config.lease,
                 limit=free * 10,
                 max_groups=free,
-            )
+            ),
+            durable=False,
+        )
         for claim in claims:
             task = asyncio.create_task(self._deliver_guarded(claim))
             self._inflight.add(task)
@@ -301,9 +304,11 @@ class Delivery:
             await self._commit_outcomes(batch)
 
     async def _commit_outcomes(self, batch: Sequence[_Pending]) -> None:
+        now = self._clock()
         try:
-            async with self._store.transaction(durable=False) as session:
-                events = await self._apply(session, batch)
+            events = await self._store.run(
+                functools.partial(self._apply, batch=batch, now=now), durable=False
+            )
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0].done, error)
@@ -315,12 +320,14 @@ class Delivery:
             return
         for event, fields in events:  # only what was committed reaches the audit log
             self._audit.emit(event, **fields)
+            if event == "dsn.queued":
+                self.wake()
         for item in batch:
             _settle(item.done, None)
 
-    async def _apply(self, session: AsyncSession, batch: Sequence[_Pending]) -> list[Event]:
-        now = self._clock()
-        kept = await repo.record_outcomes(
+    def _apply(self, session: Session, batch: Sequence[_Pending], now: datetime) -> list[Event]:
+        """The recording transaction (runs inside `Store.run`: touches only the store)."""
+        kept = repo.record_outcomes(
             session,
             [
                 OutcomeRow(o.recipient.id, o.state, o.code, o.response, o.next_attempt_at)
@@ -340,20 +347,20 @@ class Delivery:
                 if o.state is RecipientState.BOUNCED:
                     bounced.append(Failed(o.recipient.address, o.code, o.response))
             if bounced and claim.mail_from and claim.kind != "dsn":
-                events.append(await self._queue_dsn(session, claim, bounced, now))
-        finished = await repo.finish_messages(session, [i.claim.message_id for i in batch], now)
+                events.append(self._queue_dsn(session, claim, bounced, now))
+        finished = repo.finish_messages(session, [i.claim.message_id for i in batch], now)
         events.extend((f"message.{state.value}", {"id": mid}) for mid, state in finished)
         if self._after_recorded is not None:
             for item in batch:
-                events.extend(await self._after_recorded(session, item.claim, now))
+                events.extend(self._after_recorded(session, item.claim, now))
         return events
 
-    async def _queue_dsn(
-        self, session: AsyncSession, claim: Claim, bounced: list[Failed], now: datetime
+    def _queue_dsn(
+        self, session: Session, claim: Claim, bounced: list[Failed], now: datetime
     ) -> Event:
         """A bounce goes back to the sender as a queued message with the null sender,
         so it is durable and retried like any other; a bounce never bounces."""
-        raw = await repo.load_raw(session, claim.message_id)
+        raw = repo.body_of(session, claim.message_id)
         dsn = build_dsn(
             reporting_host=self._host,
             original_id=claim.message_id,
@@ -364,21 +371,24 @@ class Delivery:
             now=now,
         )
         dsn_id = new_id()
-        await repo.add_message(
+        repo.add_messages(
             session,
-            NewMessage(
-                id=dsn_id,
-                mail_from="",
-                rcpt_tos=[claim.mail_from],
-                raw=dsn,
-                state=MessageState.QUEUED,
-                verdict=Verdict.deliver().model_dump(mode="json"),
-                subject="Undelivered Mail Returned to Sender",
-                kind="dsn",
-            ),
-            now,
+            [
+                (
+                    NewMessage(
+                        id=dsn_id,
+                        mail_from="",
+                        rcpt_tos=[claim.mail_from],
+                        raw=dsn,
+                        state=MessageState.QUEUED,
+                        verdict=Verdict.deliver().model_dump(mode="json"),
+                        subject="Undelivered Mail Returned to Sender",
+                        kind="dsn",
+                    ),
+                    now,
+                )
+            ],
         )
-        self.wake()
         return "dsn.queued", {
             "id": dsn_id,
             "original": claim.message_id,

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from gateway.audit import AuditLog, Event
 from gateway.config import Config
@@ -249,16 +250,14 @@ class Protector:
             "notice.queued", id=notice_id, original=claim.message_id, rcpt=to, kind="zip-password"
         )
 
-    async def after_recorded(
-        self, session: AsyncSession, claim: Claim, now: datetime
-    ) -> list[Event]:
+    def after_recorded(self, session: Session, claim: Claim, now: datetime) -> list[Event]:
         """Time the notices that wait for this message's delivery (see the module
         docstring); called by delivery inside the transaction that recorded outcomes,
         which emits the returned audit events once that transaction has committed."""
         if claim.kind != "message" or not claim.verdict.get("encrypt"):
             return []
         notices = (
-            await session.scalars(
+            session.scalars(
                 select(Message)
                 .where(
                     Message.state == MessageState.DELAYED,
@@ -269,7 +268,7 @@ class Protector:
         ).all()
         if not notices:
             return []
-        rows = await session.execute(
+        rows = session.execute(
             select(Recipient.address, Recipient.state).where(
                 Recipient.message_id == claim.message_id
             )
@@ -277,21 +276,21 @@ class Protector:
         original = {address: state for address, state in rows.all()}
         events = []
         for notice in notices:
-            event = await self._time_notice(session, notice, original, claim.message_id, now)
+            event = self._time_notice(session, notice, original, claim.message_id, now)
             if event is not None:
                 events.append(event)
         return events
 
-    async def _time_notice(
+    def _time_notice(
         self,
-        session: AsyncSession,
+        session: Session,
         notice: Message,
         original: dict[str, RecipientState],
         original_id: str,
         now: datetime,
     ) -> Event | None:
         waiting = (
-            await session.scalars(
+            session.scalars(
                 select(Recipient).where(
                     Recipient.message_id == notice.id,
                     Recipient.state == RecipientState.WAITING,

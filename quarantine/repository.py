@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Table, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from quarantine.models import Body, Message, Recipient
 from quarantine.states import (
@@ -21,6 +22,13 @@ from quarantine.states import (
     RecipientState,
     check_message,
 )
+
+_RECIPIENTS: Table = Recipient.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+_BODIES: Table = Body.__table__  # type: ignore[assignment]
+_recipients = _RECIPIENTS.c
+_messages = _MESSAGES.c
+_bodies = _BODIES.c
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,18 +55,20 @@ def domain_of(address: str) -> str:
 
 async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> None:
     """Insert a message, its body and one row per recipient in the caller's transaction."""
-    await add_messages(session, [(new, now)])
+    await session.run_sync(add_messages, [(new, now)])
 
 
-async def add_messages(session: AsyncSession, batch: Sequence[tuple[NewMessage, datetime]]) -> None:
+# Functions taking a (sync) `Session` are the hot path: they run whole inside
+# `Store.run`, on SQLite in one hand-off to the store's thread.
+
+
+def add_messages(session: Session, batch: Sequence[tuple[NewMessage, datetime]]) -> None:
     """Insert several messages in three statements whatever their number and their
     recipients': this is the hot path of every accepted message (group commit)."""
-    await session.execute(insert(Message), [_message_row(new, now) for new, now in batch])
-    await session.execute(
-        insert(Body), [{"message_id": new.id, "raw": new.raw} for new, _ in batch]
-    )
-    await session.execute(
-        insert(Recipient), [row for new, now in batch for row in _recipient_rows(new, now)]
+    session.execute(insert(_MESSAGES), [_message_row(new, now) for new, now in batch])
+    session.execute(insert(_BODIES), [{"message_id": new.id, "raw": new.raw} for new, _ in batch])
+    session.execute(
+        insert(_RECIPIENTS), [row for new, now in batch for row in _recipient_rows(new, now)]
     )
 
 
@@ -125,11 +135,6 @@ class ClaimedRecipient:
 # The delivery hot path's statements are built once: building a statement costs more
 # CPU than SQLite takes to run it, and a prebuilt one also hits the compiled cache
 # without computing its cache key again. Core, not ORM: nothing here needs objects.
-_RECIPIENTS: Table = Recipient.__table__  # type: ignore[assignment]
-_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
-_recipients = _RECIPIENTS.c
-_messages = _MESSAGES.c
-_bodies = Body.__table__.c
 
 _DUE = (
     select(_recipients.id, _recipients.message_id, _recipients.domain)
@@ -176,8 +181,8 @@ _CLAIMED_BODIES = select(_bodies.message_id, _bodies.raw).where(
 )
 
 
-async def claim_due(
-    session: AsyncSession,
+def claim_due(
+    session: Session,
     *,
     owner: str,
     now: datetime,
@@ -195,7 +200,7 @@ async def claim_due(
     # recipients would be claimed again and sent twice.
     kept: dict[tuple[str, str], None] = {}
     ids = []
-    for rid, message_id, domain in await session.execute(_DUE, {"now": now, "limit": limit}):
+    for rid, message_id, domain in session.execute(_DUE, {"now": now, "limit": limit}):
         key = (message_id, domain)
         if key not in kept and max_groups is not None and len(kept) >= max_groups:
             continue
@@ -203,14 +208,14 @@ async def claim_due(
         ids.append(rid)
     if not ids:
         return []
-    await session.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease})
+    session.execute(_LEASE, {"ids": ids, "owner": owner, "until": now + lease})
     groups: dict[tuple[str, str], list[ClaimedRecipient]] = defaultdict(list)
     messages: dict[str, tuple[str, str, datetime, dict[str, Any]]] = {}
-    rows = await session.execute(_CLAIMED, {"ids": ids})
+    rows = session.execute(_CLAIMED, {"ids": ids})
     for rid, address, attempts, queued_at, domain, mid, mail_from, kind, created, verdict in rows:
         groups[(mid, domain)].append(ClaimedRecipient(rid, address, attempts, queued_at or created))
         messages[mid] = (mail_from, kind, created, verdict)
-    found = await session.execute(_CLAIMED_BODIES, {"ids": list(messages)})
+    found = session.execute(_CLAIMED_BODIES, {"ids": list(messages)})
     bodies: dict[str, bytes | None] = {mid: raw for mid, raw in found}
     return [
         Claim(mid, *messages[mid], domain, tuple(rcpts), bodies.get(mid))
@@ -219,7 +224,14 @@ async def claim_due(
 
 
 async def load_raw(session: AsyncSession, message_id: str) -> bytes | None:
-    return await session.scalar(select(Body.raw).where(Body.message_id == message_id))
+    return await session.run_sync(body_of, message_id)
+
+
+def body_of(session: Session, message_id: str) -> bytes | None:
+    return session.scalar(_BODY, {"id": message_id})
+
+
+_BODY = select(_bodies.raw).where(_bodies.message_id == bindparam("id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +267,8 @@ _RECORD = (
 )
 
 
-async def record_outcomes(
-    session: AsyncSession, outcomes: Iterable[OutcomeRow], *, owner: str, now: datetime
+def record_outcomes(
+    session: Session, outcomes: Iterable[OutcomeRow], *, owner: str, now: datetime
 ) -> set[int]:
     """Record recipients' outcomes, if we still hold their leases; return the ids kept.
 
@@ -280,7 +292,7 @@ async def record_outcomes(
             "next_attempt_at": next_attempt_at,
             "finished_at": now if state in FINAL_RECIPIENT_STATES else None,
         }
-        kept.update(await session.scalars(_RECORD, params))
+        kept.update(session.scalars(_RECORD, params))
     return kept
 
 
@@ -325,15 +337,15 @@ def _finish_statement() -> Any:
 _FINISH = _finish_statement()
 
 
-async def finish_messages(
-    session: AsyncSession, message_ids: Iterable[str], now: datetime
+def finish_messages(
+    session: Session, message_ids: Iterable[str], now: datetime
 ) -> list[tuple[str, MessageState]]:
     """Move queued messages whose recipients are all final to delivered (at least one
     delivered) or bounced, in one statement, and say which moved."""
     ids = list(set(message_ids))
     if not ids:
         return []
-    result = await session.execute(_FINISH, {"ids": ids, "now": now})
+    result = session.execute(_FINISH, {"ids": ids, "now": now})
     return [(mid, MessageState(state)) for mid, state in result.all()]
 
 

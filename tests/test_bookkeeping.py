@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +29,29 @@ from tests.conftest import gateway_config, running
 MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
+def _setting_query(store: Store) -> Any:
+    return text("PRAGMA synchronous" if store.is_sqlite else "SHOW synchronous_commit")
+
+
 async def _sync_setting(store: Store, *, durable: bool) -> str:
     async with store.transaction(durable=durable) as session:
-        if store.is_sqlite:
-            return str(await session.scalar(text("PRAGMA synchronous")))
-        return str(await session.scalar(text("SHOW synchronous_commit")))
+        return str(await session.scalar(_setting_query(store)))
 
 
-async def test_accepting_is_fsynced_and_delivery_bookkeeping_is_not(store_url: str) -> None:
+async def _sync_setting_in_run(store: Store, *, durable: bool) -> str:
+    return await store.run(lambda s: str(s.scalar(_setting_query(store))), durable=durable)
+
+
+@pytest.mark.parametrize("setting", [_sync_setting, _sync_setting_in_run])
+async def test_accepting_is_fsynced_and_delivery_bookkeeping_is_not(
+    store_url: str, setting: Any
+) -> None:
     store = Store(store_url)
     try:
-        durable = await _sync_setting(store, durable=True)
-        bookkeeping = await _sync_setting(store, durable=False)
+        durable = await setting(store, durable=True)
+        bookkeeping = await setting(store, durable=False)
         # and the bookkeeping setting does not leak into the next durable transaction
-        again = await _sync_setting(store, durable=True)
+        again = await setting(store, durable=True)
     finally:
         await store.close()
     if store.is_sqlite:
@@ -49,38 +60,73 @@ async def test_accepting_is_fsynced_and_delivery_bookkeeping_is_not(store_url: s
         assert (durable, bookkeeping, again) == ("on", "off", "on")
 
 
+async def test_a_hot_path_transaction_is_all_or_nothing(store_url: str) -> None:
+    store = Store(store_url)
+    now = datetime.now(UTC)
+    new = NewMessage(
+        id="m1",
+        mail_from="alice@example.com",
+        rcpt_tos=["a@x.example"],
+        raw=MESSAGE,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+
+    def add_then_fail(session: Any) -> None:
+        repo.add_messages(session, [(new, now)])
+        raise RuntimeError("injected after the inserts")
+
+    try:
+        await upgrade(store)
+        with pytest.raises(RuntimeError, match="injected"):
+            await store.run(add_then_fail)
+        async with store.read() as session:
+            assert (await session.scalars(select(Message.id))).all() == []
+        await store.run(lambda session: repo.add_messages(session, [(new, now)]))
+        async with store.read() as session:
+            assert (await session.scalars(select(Message.id))).all() == ["m1"]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_runs_a_hot_path_transaction_in_one_hand_off_to_its_own_thread(
+    sqlite_url: str,
+) -> None:
+    store = Store(sqlite_url)
+    loop_thread = threading.get_ident()
+    try:
+        names = {await store.run(lambda _s: threading.current_thread().name) for _ in range(5)}
+        ids = {await store.run(lambda _s: threading.get_ident()) for _ in range(5)}
+    finally:
+        await store.close()
+    assert len(names) == 1 and next(iter(names)).startswith("sekisho-store")
+    assert len(ids) == 1 and loop_thread not in ids
+
+
 async def test_an_outcome_is_kept_only_while_its_lease_is_held(store_url: str) -> None:
     store = Store(store_url)
     now = datetime.now(UTC)
     try:
         await upgrade(store)
-        async with store.transaction() as session:
-            await repo.add_messages(
-                session,
-                [
-                    (
-                        NewMessage(
-                            id="m1",
-                            mail_from="alice@example.com",
-                            rcpt_tos=["a@x.example", "b@x.example"],
-                            raw=MESSAGE,
-                            state=MessageState.QUEUED,
-                            verdict={},
-                        ),
-                        now,
-                    )
-                ],
-            )
-        async with store.transaction(durable=False) as session:
-            (claim,) = await repo.claim_due(
-                session, owner="w1", now=now, lease=timedelta(seconds=1), limit=10
-            )
+        new = NewMessage(
+            id="m1",
+            mail_from="alice@example.com",
+            rcpt_tos=["a@x.example", "b@x.example"],
+            raw=MESSAGE,
+            state=MessageState.QUEUED,
+            verdict={},
+        )
+        await store.run(lambda session: repo.add_messages(session, [(new, now)]))
+        (claim,) = await store.run(
+            partial(repo.claim_due, owner="w1", now=now, lease=timedelta(seconds=1), limit=10),
+            durable=False,
+        )
         a, b = claim.recipients
-        later = now + timedelta(seconds=2)  # w1's lease ran out and w2 took b over
-        async with store.transaction(durable=False) as session:
-            (retaken,) = await repo.claim_due(
-                session, owner="w2", now=later, lease=timedelta(seconds=60), limit=10
-            )
+        later = now + timedelta(seconds=2)  # w1's lease ran out and w2 took both over
+        (retaken,) = await store.run(
+            partial(repo.claim_due, owner="w2", now=later, lease=timedelta(minutes=1), limit=10),
+            durable=False,
+        )
         assert {r.id for r in retaken.recipients} == {a.id, b.id}
         async with store.transaction() as session:
             await session.execute(
@@ -92,13 +138,12 @@ async def test_an_outcome_is_kept_only_while_its_lease_is_held(store_url: str) -
             OutcomeRow(a.id, RecipientState.DELIVERED, 250, "2.0.0 ok"),
             OutcomeRow(b.id, RecipientState.DELIVERED, 250, "2.0.0 ok"),
         ]
-        async with store.transaction(durable=False) as session:
-            kept = await repo.record_outcomes(session, rows, owner="w1", now=later)
+        kept = await store.run(
+            partial(repo.record_outcomes, outcomes=rows, owner="w1", now=later), durable=False
+        )
         assert kept == {a.id}
         async with store.read() as session:
-            states = dict(
-                (await session.execute(select(Recipient.address, Recipient.state))).all()
-            )
+            states = dict((await session.execute(select(Recipient.address, Recipient.state))).all())
         assert states == {"a@x.example": RecipientState.DELIVERED, "b@x.example": "queued"}
     finally:
         await store.close()
@@ -151,10 +196,10 @@ async def test_sends_that_finish_together_are_recorded_in_one_transaction(
     calls: list[int] = []
     original = repo.record_outcomes
 
-    async def counting(session: Any, outcomes: Any, **kwargs: Any) -> set[int]:
+    def counting(session: Any, outcomes: Any, **kwargs: Any) -> set[int]:
         rows = list(outcomes)
         calls.append(len(rows))
-        return await original(session, rows, **kwargs)
+        return original(session, rows, **kwargs)
 
     monkeypatch.setattr(repo, "record_outcomes", counting)
     rcpts = [f"r{i}@client{i}.example" for i in range(8)]
@@ -183,15 +228,15 @@ async def test_a_claim_that_cannot_be_recorded_does_not_fail_the_others(
     failures = 0
     original = repo.record_outcomes
 
-    async def faulty(session: Any, outcomes: Any, **kwargs: Any) -> set[int]:
+    def faulty(session: Any, outcomes: Any, **kwargs: Any) -> set[int]:
         nonlocal failures
         rows = list(outcomes)
         ids = {row.recipient_id for row in rows}
-        address = dict((await session.execute(select(Recipient.id, Recipient.address))).all())
+        address = dict(session.execute(select(Recipient.id, Recipient.address)).all())
         if failures < 2 and any(address[i] == poison for i in ids):
             failures += 1
             raise RuntimeError("injected: outcome row locked")
-        return await original(session, rows, **kwargs)
+        return original(session, rows, **kwargs)
 
     monkeypatch.setattr(repo, "record_outcomes", faulty)
     rcpts = [poison] + [f"r{i}@client{i}.example" for i in range(1, 6)]

@@ -28,6 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session as DbSession
 
 from gateway.app import Gateway
 from quarantine import repository
@@ -180,25 +181,25 @@ async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothin
     original = repository.add_messages
     failures = [OSError(errno.ENOSPC, "No space left on device")]
 
-    async def fail_between_statements(
-        session: AsyncSession, batch: Sequence[tuple[NewMessage, datetime]]
+    def fail_between_statements(
+        session: DbSession, batch: Sequence[tuple[NewMessage, datetime]]
     ) -> None:
         if not failures:
-            return await original(session, batch)
+            return original(session, batch)
         # The message and body rows are written; the disk fills before the recipients.
         real_execute = session.execute
         calls = 0
 
-        async def execute(*args: Any, **kwargs: Any) -> Any:
+        def execute(*args: Any, **kwargs: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 3:
                 raise failures.pop()
-            return await real_execute(*args, **kwargs)
+            return real_execute(*args, **kwargs)
 
         session.execute = execute  # type: ignore[method-assign]
         try:
-            await original(session, batch)
+            original(session, batch)
         finally:
             session.execute = real_execute  # type: ignore[method-assign]
 

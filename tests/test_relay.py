@@ -145,9 +145,9 @@ async def test_store_failure_answers_451_and_the_next_message_succeeds(
         real = repo.add_messages
         calls = {"n": 0}
 
-        async def failing_once(*args: object, **kwargs: object) -> None:
+        def failing_once(*args: object, **kwargs: object) -> None:
             calls["n"] += 1
-            await real(*args, **kwargs)  # type: ignore[arg-type]
+            real(*args, **kwargs)  # type: ignore[arg-type]
             if calls["n"] == 1:
                 raise OSError(28, "No space left on device")
 
