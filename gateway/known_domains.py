@@ -31,7 +31,8 @@ class KnownDomains:
                     .distinct()
                     .limit(LIMIT)
                 )
-                self.domains = frozenset(rows.all())
+                # lower-case for the policy engine (`domain_of` stored them so already)
+                self.domains = frozenset(d.lower() for d in rows.all())
         except Exception:
             log.warning("could not refresh known recipient domains; keeping the last set")
 

@@ -168,3 +168,22 @@ def test_trace_explains_the_mismatch_with_file_and_marker() -> None:
     (condition,) = verdict.trace[0].conditions
     assert condition.evidence == (
         "ACME_見積.xlsx: marker 'ACME' (name) is client acme, but a@beta.example is client beta",)
+
+
+class _LookedUpOnly(frozenset[str]):
+    """A known-domain set that may be looked up but not walked."""
+
+    def __iter__(self) -> Any:
+        raise AssertionError("the known-domain set was walked for one message")
+
+
+def test_known_domains_are_looked_up_not_copied_per_message() -> None:
+    # The gateway keeps up to 200,000 known domains; walking them for every message
+    # costs ~20 ms each. A message to one new and one known domain needs two lookups.
+    known = _LookedUpOnly(
+        [*(f"d{i}.example" for i in range(200_000)), "acme.example", "corp.example"]
+    )
+    assert holds({"first_time_recipient_domain": True}, TEXT,
+                 env("a@acme.example", "b@d7.example", "c@new.example"), known)
+    assert not holds({"first_time_recipient_domain": True}, TEXT,
+                     env("a@acme.example", "b@d7.example"), known)
