@@ -952,6 +952,7 @@ HELD_VERDICT = json.dumps(
         "min_approvals": 1,
     }
 )
+HELD_APPROVERS = json.dumps(["group:compliance"])
 DELIVER_VERDICT = json.dumps({"action": "deliver"})
 BATCH = 10_000
 
@@ -989,6 +990,9 @@ def seed_batches(
                     "[]",
                     at + expiry if held else None,
                     None if held else at,
+                    # What the gateway derives on insert (quarantine.models).
+                    HELD_APPROVERS if held else None,
+                    "alice@example.com",
                 )
             )
             bodies.append((mid, RAW))
@@ -1021,6 +1025,8 @@ MESSAGE_COLUMNS = (
     "attachments",
     "release_at",
     "finished_at",
+    "approvers",
+    "sender_address",
 )
 BODY_COLUMNS = ("message_id", "raw")
 RECIPIENT_COLUMNS = (
@@ -1057,6 +1063,7 @@ def seed_sqlite(path: Path, count: int) -> None:
                             *m[3:12],
                             _sqlite_time(m[12]),
                             _sqlite_time(m[13]),
+                            *m[14:],
                         )
                         for m in messages
                     ],

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -20,13 +21,11 @@ from sqlalchemy import (
     and_,
     bindparam,
     cast,
-    false,
-    func,
     insert,
     literal_column,
     or_,
     select,
-    true,
+    text,
     type_coerce,
     update,
 )
@@ -55,9 +54,10 @@ class Scope:
     than they may see (the caller checks each row exactly) but never less.
 
     `everything` is for admins and auditors. Otherwise: messages sent by `user` or
-    from one of `emails`; messages naming one of `principals` as approvers; if
-    `unassigned`, held or delayed messages that name no approvers (the defaults
-    apply); and if `escalated_before` is set, held messages older than that.
+    from one of `emails` (lower case); messages whose approver list names one of
+    `principals`; if `unassigned`, held or delayed messages that name no approvers
+    (the defaults apply), and mail held at delivery; and if `escalated_before` is
+    set, messages held by a rule and older than that.
     """
 
     everything: bool = False
@@ -72,51 +72,83 @@ def _verdict_text() -> ColumnElement[str]:
     return cast(Message.verdict, Text)
 
 
-def _needle(value: object) -> str:
-    # The JSON column is written with json.dumps defaults (ASCII escapes, ", " and ": "),
-    # so the same call gives the exact text a value has inside it.
-    return json.dumps(value)
+# Every distinct approver list in the store, one index seek each: rules name a few
+# fixed lists, so this is a handful of rows however many messages there are.
+_APPROVER_LISTS = text(
+    """
+    WITH RECURSIVE lists(approvers) AS (
+        SELECT (SELECT approvers FROM messages WHERE approvers IS NOT NULL
+                ORDER BY approvers LIMIT 1)
+        UNION ALL
+        SELECT (SELECT m.approvers FROM messages m WHERE m.approvers > lists.approvers
+                ORDER BY m.approvers LIMIT 1)
+        FROM lists WHERE lists.approvers IS NOT NULL
+    )
+    SELECT approvers FROM lists WHERE approvers IS NOT NULL
+    """
+)
 
 
-def _scope_clause(scope: Scope) -> ColumnElement[bool]:
-    if scope.everything:
-        return true()
-    verdict = _verdict_text()
-    clauses: list[ColumnElement[bool]] = []
+def _names(approvers: str) -> set[str]:
+    try:
+        value = json.loads(approvers)
+    except ValueError:
+        return set()
+    return {str(a) for a in value} if isinstance(value, list) else set()
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """One condition of a scope, the column of its index on (column, state, id), and
+    the one state it is limited to, if any."""
+
+    where: ColumnElement[bool]
+    column: str | None = None
+    only: MessageState | None = None
+
+    def order(self) -> tuple[ColumnElement[Any], ...]:
+        # The index's whole key, though within one (column, state) it is the id order:
+        # so both planners see that the index gives the order, even for `IS NULL`
+        # (PostgreSQL otherwise walked the primary key through a million rows).
+        columns = _MESSAGES.c
+        if self.column is None:
+            return (columns.id,)
+        return (columns[self.column], columns.state, columns.id)
+
+
+async def _branches(session: AsyncSession, scope: Scope) -> list[Branch]:
+    """The scope as separate conditions, each served in id order within a state by an
+    index on (column, state, id): a page of their union is the union of a page of each."""
+    branches: list[Branch] = []
     if scope.user is not None:
-        clauses.append(Message.sender_user == scope.user)
-    if scope.emails:
-        clauses.append(func.lower(Message.mail_from).in_(scope.emails))
-    clauses += [verdict.contains(_needle(p), autoescape=True) for p in scope.principals]
-    if scope.unassigned:
-        clauses.append(
-            and_(
-                verdict.contains('"approvers": []', autoescape=True),
-                or_(
-                    verdict.contains('"action": "hold"', autoescape=True),
-                    verdict.contains('"action": "delay"', autoescape=True),
-                ),
-            )
-        )
+        branches.append(Branch(Message.sender_user == scope.user, "sender_user"))
+    branches += [Branch(Message.sender_address == e, "sender_address") for e in scope.emails]
+    mine = set(scope.principals)
+    lists = (await session.scalars(_APPROVER_LISTS)).all() if mine or scope.unassigned else []
+    for approvers in lists:
+        names = _names(approvers)
+        if names & mine or (scope.unassigned and not names):
+            branches.append(Branch(Message.approvers == approvers, "approvers"))
+    if scope.unassigned:  # held at delivery: no approver list, the defaults decide
+        branches.append(Branch(Message.approvers.is_(None), "approvers", MessageState.HELD))
     if scope.escalated_before is not None:
-        clauses.append(
-            and_(
-                verdict.contains('"action": "hold"', autoescape=True),
-                Message.created_at <= scope.escalated_before,
-            )
+        escalated = and_(
+            Message.created_at <= scope.escalated_before,
+            _verdict_text().contains('"action": "hold"', autoescape=True),
         )
-    return or_(*clauses) if clauses else false()
+        branches.append(Branch(escalated))
+    return branches
 
 
 def _filter_clauses(filters: Filters) -> list[ColumnElement[bool]]:
+    """All but the state, which the caller adds once (a second `state = ?` term
+    makes SQLite's planner leave the branch's index)."""
     clauses: list[ColumnElement[bool]] = []
-    if filters.state is not None:
-        clauses.append(Message.state == filters.state)
     if filters.sender is not None:
         clauses.append(
             or_(
                 Message.sender_user == filters.sender,
-                func.lower(Message.mail_from) == filters.sender.lower(),
+                Message.sender_address == filters.sender.lower(),
             )
         )
     if filters.recipient_domain is not None:
@@ -141,10 +173,35 @@ async def page_of_messages(
     session: AsyncSession, filters: Filters, scope: Scope, *, after: str | None, limit: int
 ) -> Sequence[Message]:
     """Oldest first, by id (ids sort by time), starting after the cursor `after`."""
-    query = select(Message).where(_scope_clause(scope), *_filter_clauses(filters))
+    wheres = _filter_clauses(filters)
     if after is not None:
-        query = query.where(Message.id > after)
-    return (await session.scalars(query.order_by(Message.id).limit(limit))).all()
+        wheres.append(Message.id > after)
+    if scope.everything:
+        if filters.state is not None:
+            wheres.append(Message.state == filters.state)
+        return await _page(session, wheres, limit, (_MESSAGES.c.id,))
+    # One query per branch of the scope and per state, so that each reads its page from
+    # an index; an OR of them all would walk every held message to find a few for
+    # someone whose rule holds little.
+    states = list(MessageState) if filters.state is None else [filters.state]
+    found: dict[str, Message] = {}
+    for branch in await _branches(session, scope):
+        for state in states:
+            if branch.only in (None, state):
+                query = [branch.where, Message.state == state, *wheres]
+                page = await _page(session, query, limit, branch.order())
+                found.update((m.id, m) for m in page)
+    return sorted(found.values(), key=lambda m: m.id)[:limit]
+
+
+async def _page(
+    session: AsyncSession,
+    wheres: list[ColumnElement[bool]],
+    limit: int,
+    order: tuple[ColumnElement[Any], ...],
+) -> Sequence[Message]:
+    query = select(Message).where(*wheres).order_by(*order).limit(limit)
+    return (await session.scalars(query)).all()
 
 
 async def get_message(session: AsyncSession, message_id: str) -> Message | None:

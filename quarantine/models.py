@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from quarantine.states import MessageState, RecipientState
@@ -73,6 +75,32 @@ def _enum(enum: type[MessageState] | type[RecipientState], name: str) -> Enum:
     )
 
 
+DECIDED_ACTIONS = ("hold", "delay")  # the verdicts that name approvers
+
+
+def approvers_key(verdict: dict[str, Any] | None) -> str | None:
+    """The `approvers` column: the JSON list of approvers a hold or delay verdict
+    names (`[]` for none: the default approvers decide), None for other verdicts."""
+    if not verdict or verdict.get("action") not in DECIDED_ACTIONS:
+        return None
+    return json.dumps([str(a) for a in verdict.get("approvers") or ()])
+
+
+def _row(context: DefaultExecutionContext) -> dict[str, Any]:
+    """The values of the row being inserted (one row of an executemany too)."""
+    row: dict[str, Any] = context.get_current_parameters()  # type: ignore[no-untyped-call]
+    return row
+
+
+def _approvers_default(context: DefaultExecutionContext) -> str | None:
+    return approvers_key(_row(context).get("verdict"))
+
+
+def _sender_address_default(context: DefaultExecutionContext) -> str | None:
+    mail_from = _row(context).get("mail_from")
+    return None if mail_from is None else str(mail_from).lower()
+
+
 class Message(Base):
     __tablename__ = "messages"
 
@@ -92,6 +120,10 @@ class Message(Base):
     attachments: Mapped[list[Any]]
     release_at: Mapped[datetime | None]  # end of a delay window, or a hold's expiry
     finished_at: Mapped[datetime | None]
+    # Derived on insert, for the listing's indexes: who may see a message is matched by
+    # index, not by LIKE over every held verdict (see quarantine.approvals).
+    approvers: Mapped[str | None] = mapped_column(Text, default=_approvers_default)
+    sender_address: Mapped[str | None] = mapped_column(Text, default=_sender_address_default)
 
     recipients: Mapped[list[Recipient]] = relationship(
         back_populates="message", order_by="Recipient.id", lazy="raise"
@@ -102,7 +134,11 @@ class Message(Base):
         # Lists page by id within a state (ids sort by time): without this index
         # SQLite sorts every held message to find one page.
         Index(None, "state", "id"),
-        Index(None, "sender_user", "created_at"),
+        # A scoped listing reads one page per branch of the scope, in id order within
+        # a state: its own mail (by login or address), each approver list naming them.
+        Index(None, "sender_user", "state", "id"),
+        Index(None, "sender_address", "state", "id"),
+        Index(None, "approvers", "state", "id"),
     )
 
 
