@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from gateway.audit import AuditLog
 from gateway.config import AuthMode, SmtpConfig
 from gateway.credentials import Credentials, Principal
 from gateway.intake import Intake, Submission
+from gateway.smtp_data import Refused, read_data
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,8 @@ def _peer(session: Session | None) -> str:
 
 
 class GatewaySMTP(SMTP):
-    """aiosmtpd's SMTP with a connection cap, an error budget and loopback-only AUTH
-    without TLS."""
+    """aiosmtpd's SMTP with a connection cap, an error budget, loopback-only AUTH
+    without TLS, and DATA read into one buffer (`gateway.smtp_data`)."""
 
     def __init__(
         self,
@@ -244,6 +245,8 @@ class GatewaySMTP(SMTP):
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        if self._decode_data:
+            raise ValueError("GatewaySMTP hands the handler bytes: decode_data must be False")
         self._counters = counters
         self._max_connections = max_connections
         self._max_errors = max_errors
@@ -275,6 +278,46 @@ class GatewaySMTP(SMTP):
             self._counters.active -= 1
             self._counted = False
         super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd 1.4.6's DATA, the same checks and replies in the same order, with the
+        content read by `read_data`: one bytes object, never a list of lines."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_data(
+                self._reader,
+                self.data_size_limit,
+                self.line_length_limit,
+                lambda: self.transport is not None,
+            )
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if content is None:  # the connection went before the end of data: nothing to accept
+            return
+        if isinstance(content, Refused):
+            await self.push(content.reply)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        # decode_data=False: the handler reads original_content, and content is the
+        # same object, not a copy.
+        self.envelope.content = self.envelope.original_content = content
+        del content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     async def push(self, status: Any) -> None:
         await super().push(status)
