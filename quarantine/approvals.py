@@ -27,6 +27,7 @@ from sqlalchemy import (
     select,
     text,
     type_coerce,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -180,18 +181,25 @@ async def page_of_messages(
         if filters.state is not None:
             wheres.append(Message.state == filters.state)
         return await _page(session, wheres, limit, (_MESSAGES.c.id,))
-    # One query per branch of the scope and per state, so that each reads its page from
-    # an index; an OR of them all would walk every held message to find a few for
-    # someone whose rule holds little.
+    # A page of ids per branch of the scope and per state, each read from an index, in
+    # one statement; then the first `limit` of them. An OR of the branches would walk
+    # every held message to find a few for someone whose rule holds little.
     states = list(MessageState) if filters.state is None else [filters.state]
-    found: dict[str, Message] = {}
-    for branch in await _branches(session, scope):
-        for state in states:
-            if branch.only in (None, state):
-                query = [branch.where, Message.state == state, *wheres]
-                page = await _page(session, query, limit, branch.order())
-                found.update((m.id, m) for m in page)
-    return sorted(found.values(), key=lambda m: m.id)[:limit]
+    pages = [
+        select(_MESSAGES.c.id)
+        .where(branch.where, _MESSAGES.c.state == state, *wheres)
+        .order_by(*branch.order())
+        .limit(limit)
+        .subquery()
+        for branch in await _branches(session, scope)
+        for state in states
+        if branch.only in (None, state)
+    ]
+    if not pages:
+        return []
+    found = await session.scalars(union_all(*(select(page.c.id) for page in pages)))
+    ids = sorted(set(found.all()))[:limit]
+    return await _page(session, [Message.id.in_(ids)], limit, (_MESSAGES.c.id,)) if ids else []
 
 
 async def _page(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import column as sa_column
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy import table as sa_table
 
 from gateway.approvals import Approvals, Principal, may_see
@@ -194,5 +195,49 @@ async def test_migration_0006_backfills_what_an_insert_derives(store_url: str) -
         ]
         assert stored[0].approvers == '["group:compliance"]'
         assert stored[7].approvers is None  # a deliver verdict names no approvers
+    finally:
+        await store.close()
+
+
+# A search on the primary key or an index that starts with a scope's column, never the
+# (state, id) index: that one walks every held message to find someone's few.
+INDEXED = (
+    r"^SEARCH (messages|m) USING (COVERING )?INDEX "
+    r"(sqlite_autoindex_messages_1|ix_messages_(sender_user|sender_address|approvers)_state_id) "
+)
+
+
+async def test_a_scoped_page_is_read_from_indexes_on_sqlite(tmp_path: Path) -> None:
+    """Every statement of an approver's or sender's listing searches an index: none
+    walks the messages table or sorts it (SQLite plans without statistics, so the
+    plan on a few rows is the plan on a million)."""
+    store = Store(f"sqlite:///{tmp_path / 'sekisho.db'}")
+    await upgrade(store)
+    config = ApprovalConfig(default_approvers=("group:approvers",))
+    approvals = Approvals(store, None, config, lambda: NOW)
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM messages" in statement:  # not the page's recipients and decisions
+            statements.append((statement, parameters))
+
+    try:
+        stored = await _stored(store)
+        event.listen(store.engine.sync_engine, "before_cursor_execute", seen)
+        for user in (PEOPLE[2], PEOPLE[4], PEOPLE[7]):
+            for filters in (Filters(state=MessageState.HELD), Filters(), Filters(rule="r")):
+                await approvals.list_messages(user, filters, after=stored[3].id, limit=2)
+        event.remove(store.engine.sync_engine, "before_cursor_execute", seen)
+        assert len(statements) >= 9
+        async with store.engine.connect() as connection:
+            for statement, parameters in statements:
+                plan = await connection.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + statement, parameters
+                )
+                steps = [row[-1] for row in plan]
+                walks = [s for s in steps if re.match(r"(SCAN|SEARCH) (messages|m)\b", s)]
+                assert walks, (statement, steps)
+                assert all(re.search(INDEXED, s) for s in walks), (statement, steps)
+                assert not [s for s in steps if "TEMP B-TREE" in s], (statement, steps)
     finally:
         await store.close()
