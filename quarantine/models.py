@@ -139,6 +139,8 @@ class Message(Base):
         Index(None, "sender_user", "state", "id"),
         Index(None, "sender_address", "state", "id"),
         Index(None, "approvers", "state", "id"),
+        # Held mail of one rule, a page at a time, however rare the rule.
+        Index(None, "rule", "state", "id"),
     )
 
 
