@@ -17,7 +17,7 @@ from policies.config import ClientSpec, RuleSpec, parse_clients, parse_rules
 from policies.envelope import Envelope
 from policies.facts import AttachmentFacts, MessageFacts, build_facts
 from policies.filetype import FileType
-from policies.mime import parse
+from policies.parsed import parse_message
 from policies.rules import CompiledRule, evaluate
 from policies.verdict import Verdict
 
@@ -94,7 +94,7 @@ def inspect(
     """
     facts: MessageFacts | None = None
     try:
-        facts = build_facts(parse(raw), envelope, policy.clients, policy.internal_domains)
+        facts = build_facts(parse_message(raw), envelope, policy.clients, policy.internal_domains)
         # Looked up, never copied: the set may hold 200,000 domains, and this runs for
         # every message. The caller gives them lower-case (the store keeps them so).
         traces = [evaluate(rule, facts, known_domains) for rule in policy.rules]

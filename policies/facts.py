@@ -16,7 +16,8 @@ from policies.envelope import Envelope
 from policies.extract import Budget, contents, decode_text
 from policies.filetype import FileType, extension_of
 from policies.filetype import detect as detect_type
-from policies.mime import LeafPart, WalkLimits, decoded_payload, walk_parts
+from policies.mime import LeafPart, WalkLimits, walk_parts
+from policies.parsed import Parsed
 from policies.text import html_to_text, normalize
 
 MAX_HEADERS = 200
@@ -88,14 +89,18 @@ class MessageFacts:
 
 
 def build_facts(
-    message: Message, envelope: Envelope, book: ClientBook, internal_domains: Sequence[str]
+    parsed: Parsed, envelope: Envelope, book: ClientBook, internal_domains: Sequence[str]
 ) -> MessageFacts:
+    message = parsed.message
     budget = Budget()
     limits = WalkLimits()
     leaves = list(walk_parts(message, limits))
-    attachments = tuple(_attachment(leaf, book, budget) for leaf in leaves if leaf.attachment)
-    body = budget.take(normalize(_body_text([leaf for leaf in leaves if not leaf.attachment])),
-                       "body")
+    attachments = tuple(
+        _attachment(parsed, leaf, book, budget) for leaf in leaves if leaf.attachment
+    )
+    body = budget.take(
+        normalize(_body_text(parsed, [leaf for leaf in leaves if not leaf.attachment])), "body"
+    )
     cut = [*([limits.exceeded] if limits.exceeded else []), *budget.cut]
     cut.extend(f"{a.label}: {a.detected_type.value} archive not inspected"
                for a in attachments if a.detected_type in _OPAQUE and not a.encrypted)
@@ -141,7 +146,7 @@ def _headers(message: Message) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)[:MAX_HEADER_CHARS]) for k, v in list(items)[:MAX_HEADERS])
 
 
-def _body_text(leaves: Sequence[LeafPart]) -> str:
+def _body_text(parsed: Parsed, leaves: Sequence[LeafPart]) -> str:
     """Text the recipient reads: text/plain and text/html leaves that are not attachments.
 
     Bodies of forwarded message/rfc822 parts count: they are read too.
@@ -150,19 +155,21 @@ def _body_text(leaves: Sequence[LeafPart]) -> str:
     for leaf in leaves:
         kind = leaf.content_type
         if kind in ("text/plain", "text/html"):
-            text = _decoded_text(leaf.part)
+            text = _decoded_text(parsed, leaf.part)
             texts.append(html_to_text(text) if kind == "text/html" else text)
     return "\n".join(texts)
 
 
-def _decoded_text(part: Message) -> str:
-    return decode_text(decoded_payload(part), part.get_content_charset())
+def _decoded_text(parsed: Parsed, part: Message) -> str:
+    return decode_text(parsed.payload(part), part.get_content_charset())
 
 
-def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> AttachmentFacts:
+def _attachment(
+    parsed: Parsed, found: LeafPart, book: ClientBook, budget: Budget
+) -> AttachmentFacts:
     part, name = found.part, found.filename
     declared = found.content_type
-    data, size = _payload(part, declared)
+    data, size = _payload(parsed, part, declared)
     extension = extension_of(name)
     kind = FileType.EML if declared == "message/rfc822" else detect_type(data, extension, declared)
     inner = contents(data, kind, part.get_content_charset(), name or declared, budget)
@@ -174,20 +181,20 @@ def _attachment(found: LeafPart, book: ClientBook, budget: Budget) -> Attachment
     )
 
 
-def _payload(part: Message, declared: str) -> tuple[bytes, int]:
+def _payload(parsed: Parsed, part: Message, declared: str) -> tuple[bytes, int]:
     if declared == "message/rfc822":
         # The inner message's own parts are walked separately; here only its size.
-        return b"", _message_size(part)
-    data = decoded_payload(part)
+        return b"", _message_size(parsed, part)
+    data = parsed.payload(part)
     return data, len(data)
 
 
-def _message_size(part: Message) -> int:
+def _message_size(parsed: Parsed, part: Message) -> int:
     inner = part.get_payload()
     if not isinstance(inner, list):
         return 0
     try:
-        return sum(len(m.as_bytes()) for m in inner if isinstance(m, Message))
+        return sum(parsed.serialized_size(m) for m in inner if isinstance(m, Message))
     except (ValueError, LookupError, TypeError, UnicodeError):  # unserialisable: size unknown
         return 0
 

@@ -34,6 +34,7 @@ from policies.mime import SMTP_POLICY
 _HEADER = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # feedparser.headerRE
 _BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _COLLAPSE_MIN = 4096  # shorter bodies are cheap to parse as they are
+_WINDOW = 1 << 20  # bytes of a body checked at a time
 _MAX_DEPTH = 64  # deeper than the walk allows (policies.mime.MAX_DEPTH): the full parse decides
 
 Kind = Literal["leaf", "multipart", "message"]
@@ -265,7 +266,9 @@ def _collapsible(data: bytes, leaf: Node) -> tuple[int, int] | None:
         return None
     # The kept first line must be a base64 line too: after it the parser is in a body,
     # where such lines change nothing.
-    rest = data[leaf.body : end].translate(None, _BASE64)
+    rest = _not_base64(data, leaf.body, end)
+    if rest is None:
+        return None
     crlf = rest[:2] == b"\r\n"
     if rest != (b"\r\n" * (len(rest) // 2) if crlf else b"\n" * len(rest)):
         return None  # other characters, or mixed or bare line breaks
@@ -275,6 +278,19 @@ def _collapsible(data: bytes, leaf: Node) -> tuple[int, int] | None:
     if data[leaf.body : leaf.body + 1] in (b"\r", b"\n") or data.find(blank, leaf.body, end) >= 0:
         return None  # a blank line separates; keep it
     return start, end
+
+
+def _not_base64(data: bytes, start: int, end: int) -> bytes | None:
+    """The bytes of data[start:end] that are not base64 characters, if all are CR or LF.
+
+    Read in windows: a 50 MB body is never copied whole (`data[a:b]` copies)."""
+    found: list[bytes] = []
+    for at in range(start, end, _WINDOW):
+        rest = data[at : min(end, at + _WINDOW)].translate(None, _BASE64)
+        if rest.translate(None, b"\r\n"):
+            return None
+        found.append(rest)
+    return b"".join(found)
 
 
 def _even_lines(data: bytes, start: int, end: int, nl: bytes, breaks: int) -> bool:
