@@ -8,6 +8,7 @@ half-written: the transaction rolls back as a whole.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 from collections.abc import Callable, Coroutine
@@ -35,6 +36,7 @@ OFFLOAD_BYTES = 128 * 1024
 # session for 0.7 s. Many boundary-like lines send a message to the thread as well.
 OFFLOAD_DELIMITERS = 64
 _BARE = re.compile(rb"\r\n|\r|\n")
+NORMALIZE_WINDOW = 64 * 1024
 TEMPORARY_FAILURE = "451 4.3.0 Temporary failure storing the message; please try again later"
 
 
@@ -43,11 +45,24 @@ def has_bare_newlines(data: bytes) -> bool:
     return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
-def normalize_newlines(data: bytes) -> bytes:
+def normalize_newlines(data: bytes, window: int = NORMALIZE_WINDOW) -> bytes:
     """Bare CR or LF becomes CRLF (RFC 5321 §2.3.8), as Postfix's
     `smtpd_forbid_bare_newline = normalize` does: what is inspected is exactly what
-    is forwarded, and a bare `\\n.\\r\\n` can never end the message at the next hop."""
-    return _BARE.sub(b"\r\n", data) if has_bare_newlines(data) else data
+    is forwarded, and a bare `\\n.\\r\\n` can never end the message at the next hop.
+
+    Rewritten `window` bytes at a time into one buffer: a substitution over the whole
+    message keeps a piece per line (~1.5x the message) before joining them. Each window
+    ends just after a LF, so no CRLF is ever split between two windows."""
+    if not has_bare_newlines(data):
+        return data
+    out = io.BytesIO()
+    start = 0
+    while start < len(data):
+        cut = data.find(b"\n", start + window)
+        end = len(data) if cut < 0 else cut + 1
+        out.write(_BARE.sub(b"\r\n", data[start:end]))
+        start = end
+    return out.getvalue()
 
 
 @dataclass(frozen=True, slots=True)
