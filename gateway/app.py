@@ -27,7 +27,7 @@ from gateway.metrics import Metrics
 from gateway.policy_source import PolicySource
 from gateway.protect import Protector
 from gateway.retention import retention_loop
-from gateway.smtp_in import Counters, Handler, start_smtp
+from gateway.smtp_in import Counters, Handler, smtp_factory, start_smtp
 from gateway.transports import Transport, make_transport
 from quarantine.db import Store
 from quarantine.migrate import SchemaStatus, schema_status, upgrade
@@ -64,8 +64,13 @@ class Gateway:
         *,
         clock: Callable[[], datetime] = utcnow,
         transport: Transport | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        # Set only by `serve --workers N`: N processes listen on the same ports and the
+        # kernel spreads connections. A lone gateway keeps "address in use" for a port
+        # that is taken, which is what an operator who started it twice should see.
+        self.reuse_port = reuse_port
         self.clock = clock
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.store = Store(config.store.url, pool_size=config.store.pool_size)
@@ -86,12 +91,11 @@ class Gateway:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
-        await self._check_schema()
+        await check_schema(self.store)
         self.metrics = Metrics(self.store, self.clock, lambda: self.counters.active)
-        instance = self.config.audit.instance or (
-            f"{socket.gethostname()}:{self.config.smtp.listen.port}"
+        self.audit = AuditLog(
+            self.config.audit.path, clock=self.clock, instance=audit_instance(self.config)
         )
-        self.audit = AuditLog(self.config.audit.path, clock=self.clock, instance=instance)
         self.audit.subscribe(self.metrics.observe)
         await self.credentials.refresh()
         await self.known_domains.refresh()
@@ -129,7 +133,7 @@ class Gateway:
             known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
-        self._smtp = await start_smtp(self.config.smtp, handler, self.counters)
+        self._smtp = await self._listen_smtp(handler)
         self.smtp_port = self._smtp.sockets[0].getsockname()[1]
         self._spawn(self.delivery.run(), "delivery")
         # SMTP is up: the approval workflow and the HTTP app load now, in a thread so
@@ -181,30 +185,18 @@ class Gateway:
         if self.notices is not None:
             await self.notices.held(message_id)
 
-    async def _check_schema(self) -> None:
-        try:
-            status = await schema_status(self.store)
-        except Exception as error:
-            raise StartupError(
-                f"cannot open the store at {_safe_url(self.config.store.url)}: "
-                f"{type(error).__name__}: {error}"
-            ) from None
-        match status:
-            case SchemaStatus.EMPTY:
-                await upgrade(self.store)
-            case SchemaStatus.CURRENT:
-                pass
-            case SchemaStatus.OUTDATED:
-                raise StartupError(
-                    "the database schema is older than this release: run `sekisho migrate` first"
-                )
-            case SchemaStatus.NEWER:
-                raise StartupError("the database was migrated by a newer release of Sekisho")
-            case SchemaStatus.FOREIGN:
-                raise StartupError(
-                    "the database has tables but no Sekisho schema version; "
-                    "point [store].url at an empty database"
-                )
+    async def _listen_smtp(self, handler: Handler) -> asyncio.Server:
+        if not self.reuse_port:
+            return await start_smtp(self.config.smtp, handler, self.counters)
+        listen = self.config.smtp.listen
+        return await asyncio.get_running_loop().create_server(
+            smtp_factory(self.config.smtp, handler, self.counters),
+            host=listen.host,
+            port=listen.port,
+            reuse_address=True,
+            reuse_port=True,
+            backlog=1024,
+        )
 
     async def _start_http(self) -> None:
         listen = self.config.admin.listen
@@ -212,6 +204,8 @@ class Gateway:
             return
         sock = socket.socket(socket.AF_INET6 if ":" in listen.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Accepted sockets inherit TCP_NODELAY on Linux. Without it, a keep-alive client
         # waits ~40 ms per response (Nagle holding the body for the ACK of the headers,
         # which the client delays).
@@ -289,6 +283,37 @@ class Gateway:
         deadline = asyncio.get_running_loop().time() + grace
         while self.counters.active > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+
+
+def audit_instance(config: Config) -> str:
+    """The name of this gateway's audit chain: `[audit].instance`, else host and SMTP port."""
+    return config.audit.instance or f"{socket.gethostname()}:{config.smtp.listen.port}"
+
+
+async def check_schema(store: Store) -> None:
+    """Create an empty schema; refuse one that is outdated, newer or not ours."""
+    try:
+        status = await schema_status(store)
+    except Exception as error:
+        raise StartupError(
+            f"cannot open the store at {_safe_url(store.url)}: {type(error).__name__}: {error}"
+        ) from None
+    match status:
+        case SchemaStatus.EMPTY:
+            await upgrade(store)
+        case SchemaStatus.CURRENT:
+            pass
+        case SchemaStatus.OUTDATED:
+            raise StartupError(
+                "the database schema is older than this release: run `sekisho migrate` first"
+            )
+        case SchemaStatus.NEWER:
+            raise StartupError("the database was migrated by a newer release of Sekisho")
+        case SchemaStatus.FOREIGN:
+            raise StartupError(
+                "the database has tables but no Sekisho schema version; "
+                "point [store].url at an empty database"
+            )
 
 
 async def _load(name: str) -> Any:

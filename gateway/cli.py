@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    command("serve", "Run SMTP intake, delivery and the HTTP API in one process.", _serve)
+    _serve_options(
+        command("serve", "Run SMTP intake, delivery and the HTTP API in one process.", _serve)
+    )
     command(
         "check-config",
         "Validate the config; print 'ok' or each problem with its key.",
@@ -103,17 +105,67 @@ def run_async(coro: Awaitable[T]) -> T:
 # -- serve, check-config, migrate ------------------------------------------------
 
 
+def _serve_options(serve: argparse.ArgumentParser) -> None:
+    serve.description = (
+        "Run SMTP intake, delivery and the HTTP API. With --workers N (PostgreSQL "
+        "stores only), a supervisor runs N such gateway processes on the same SMTP and "
+        "HTTP ports (SO_REUSEPORT: the kernel spreads connections over them), each with "
+        "its own audit chain '<instance>-wI'. SIGTERM/SIGINT drain and stop them all, "
+        "SIGHUP reloads the rules in each, and a worker that dies is restarted."
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="gateway processes to run, to use N cores (default: 1, one process and no "
+        "supervisor); N > 1 needs a PostgreSQL [store].url",
+    )
+    # How the supervisor starts one of its workers; not for people.
+    for hidden in ("--worker", "--smtp-port", "--http-port", "--supervisor-fd"):
+        serve.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, not {text!r}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import StartupError, serve
+    from gateway.supervisor import refuse_sqlite, run_worker, supervise, worker_config
 
+    config_path = Path(args.config)
+    tag = f" w{args.worker}" if args.worker else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s"
     )
     for noisy in ("mail.log", "aiosmtpd"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        _install_uvloop()
-        asyncio.run(serve(Path(args.config)))
+        if args.worker:
+            config = worker_config(
+                load_config(config_path), args.worker, args.smtp_port, args.http_port
+            )
+            _install_uvloop()
+            asyncio.run(
+                run_worker(config_path, config, args.worker, args.workers, args.supervisor_fd)
+            )
+        elif args.workers > 1:
+            config = load_config(config_path)
+            refused = refuse_sqlite(config, args.workers)
+            if refused:
+                print(f"sekisho: cannot start: {refused}", file=sys.stderr)
+                return 1
+            return supervise(config_path, config, args.workers)
+        else:
+            _install_uvloop()
+            asyncio.run(serve(config_path))
     except StartupError as error:
         print(f"sekisho: cannot start: {error}", file=sys.stderr)
         return 1
