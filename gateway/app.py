@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CREDENTIAL_REFRESH_SECONDS = 5.0
+# This instance's deliveries update the known domains at once; other instances' are
+# read back this often (a domain they reached meanwhile counts as new: it holds).
+KNOWN_DOMAINS_REFRESH_SECONDS = 60.0
 
 
 class StartupError(Exception):
@@ -97,6 +100,7 @@ class Gateway:
             self.config.audit.path, clock=self.clock, instance=audit_instance(self.config)
         )
         self.audit.subscribe(self.metrics.observe)
+        self.audit.subscribe(self.known_domains.observe)
         await self.credentials.refresh()
         await self.known_domains.refresh()
         transport = self._transport or make_transport(self.config.delivery)
@@ -118,6 +122,7 @@ class Gateway:
             reporting_host=self.config.smtp.hostname,
             prepare=protector.prepare,
             after_recorded=protector.after_recorded,
+            known_domains=self.known_domains.current,
             hold_for=self.config.approval.expire_after,
         )
         approval = self.config.approval
@@ -161,6 +166,7 @@ class Gateway:
             "expiry",
         )
         self._spawn(self._refresh_credentials(), "credentials")
+        self._spawn(self._refresh_known_domains(), "known-domains")
         if self.config.store.keep_bodies is not None:
             self._spawn(
                 retention_loop(self.store, self.config.store.keep_bodies, self.clock, self.audit),
@@ -238,7 +244,11 @@ class Gateway:
                 await self.credentials.refresh()
             except Exception:
                 log.warning("could not refresh users from the store; keeping the cached ones")
-            await self.known_domains.refresh()
+
+    async def _refresh_known_domains(self) -> None:
+        while True:
+            await asyncio.sleep(KNOWN_DOMAINS_REFRESH_SECONDS)
+            await self.known_domains.refresh()  # logs and keeps the last set on failure
 
     def reload(self, path: str | os.PathLike[str]) -> bool:
         """SIGHUP: re-read rules and clients. A config with errors keeps the old one."""

@@ -81,6 +81,7 @@ class Delivery:
         rng: random.Random | None = None,
         hold_for: timedelta = timedelta(days=3),
         after_recorded: AfterRecorded | None = None,
+        known_domains: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._store = store
         self._audit = audit
@@ -93,6 +94,7 @@ class Delivery:
         self._rng = rng or random.Random()
         self._after_recorded = after_recorded
         self._to_record: list[_Pending] = []
+        self._known_domains = known_domains
         self._recorder: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -348,6 +350,18 @@ class Delivery:
                     bounced.append(Failed(o.recipient.address, o.code, o.response))
             if bounced and claim.mail_from and claim.kind != "dsn":
                 events.append(self._queue_dsn(session, claim, bounced, now))
+        known = self._known_domains()
+        repo.remember_domains(
+            session,
+            (
+                o.recipient.address.rpartition("@")[2].lower()
+                for item in batch
+                for o in item.outcomes
+                if o.state is RecipientState.DELIVERED and o.recipient.id in kept
+            ),
+            now,
+            known=known,
+        )
         finished = repo.finish_messages(session, [i.claim.message_id for i in batch], now)
         events.extend((f"message.{state.value}", {"id": mid}) for mid, state in finished)
         if self._after_recorded is not None:

@@ -6,18 +6,20 @@ The policy engine is pure, so the set is read from the store here and passed in.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from sqlalchemy import select
-
+from quarantine import repository as repo
 from quarantine.db import Store
-from quarantine.models import Recipient
-from quarantine.states import RecipientState
+from quarantine.repository import domain_of
 
 log = logging.getLogger(__name__)
-LIMIT = 200_000
 
 
 class KnownDomains:
+    """The recipient domains mail has been delivered to, read from the store's
+    `known_domains` table (one row per domain) and kept current between reads by
+    watching this instance's deliveries; other instances' show at the next read."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
         self.domains: frozenset[str] = frozenset()
@@ -25,16 +27,20 @@ class KnownDomains:
     async def refresh(self) -> None:
         try:
             async with self._store.read() as session:
-                rows = await session.scalars(
-                    select(Recipient.domain)
-                    .where(Recipient.state == RecipientState.DELIVERED)
-                    .distinct()
-                    .limit(LIMIT)
-                )
-                # lower-case for the policy engine (`domain_of` stored them so already)
-                self.domains = frozenset(d.lower() for d in rows.all())
+                found = await session.run_sync(repo.known_domains)
         except Exception:
             log.warning("could not refresh known recipient domains; keeping the last set")
+            return
+        # lower-case for the policy engine (delivery stored them so already)
+        self.domains = frozenset(d.lower() for d in found) | self.domains
+
+    def observe(self, event: dict[str, Any]) -> None:
+        """An audit observer: a domain just delivered to is known from now on."""
+        if event.get("event") != "delivery.sent":
+            return
+        domain = domain_of(str(event.get("rcpt", "")))
+        if domain and domain not in self.domains:
+            self.domains = self.domains | {domain}  # a new set: readers never see it change
 
     def current(self) -> frozenset[str]:
         return self.domains

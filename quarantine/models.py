@@ -254,3 +254,16 @@ class Reminder(Base):
     )
     reminded_at: Mapped[datetime | None]
     escalated_at: Mapped[datetime | None]
+
+
+class KnownDomain(Base):
+    """A recipient domain mail has been delivered to (`first_time_recipient_domain`).
+
+    Kept apart from recipients so that reading the set costs one row per domain, not
+    one per recipient ever delivered, and outlives retention's purge of old mail.
+    """
+
+    __tablename__ = "known_domains"
+
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+    first_delivered_at: Mapped[datetime]

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from quarantine.models import Body, Message, Recipient
+from quarantine.models import Body, KnownDomain, Message, Recipient
 from quarantine.states import (
     DUE_RECIPIENT_STATES,
     FINAL_RECIPIENT_STATES,
@@ -294,6 +297,29 @@ def record_outcomes(
         }
         kept.update(session.scalars(_RECORD, params))
     return kept
+
+
+def remember_domains(
+    session: Session,
+    domains: Iterable[str],
+    now: datetime,
+    *,
+    known: AbstractSet[str] = frozenset(),
+) -> None:
+    """Note recipient domains just delivered to; those already known stay as they were
+    (`known`: what the caller has already read back, so the usual case writes nothing)."""
+    rows = [
+        {"domain": d, "first_delivered_at": now} for d in sorted(set(domains)) if d not in known
+    ]
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_for = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert_for(KnownDomain).on_conflict_do_nothing(), rows)
+
+
+def known_domains(session: Session) -> list[str]:
+    return list(session.scalars(select(KnownDomain.domain)))
 
 
 def _finish_statement() -> Any:
