@@ -23,6 +23,7 @@ from gateway.config import AuthMode, SmtpConfig
 from gateway.credentials import Credentials, Principal
 from gateway.intake import Intake, Submission
 from gateway.smtp_data import Refused, read_data
+from gateway.smtp_tables import CachedInitSMTP
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,10 @@ def _peer(session: Session | None) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(CachedInitSMTP):
     """aiosmtpd's SMTP with a connection cap, an error budget, loopback-only AUTH
-    without TLS, and DATA read into one buffer (`gateway.smtp_data`)."""
+    without TLS, DATA read into one buffer (`gateway.smtp_data`), and the reflection
+    of its constructor done once per class (`gateway.smtp_tables`)."""
 
     def __init__(
         self,
