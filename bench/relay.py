@@ -2,13 +2,16 @@
 
     python bench/relay.py [--messages 2000] [--sessions 20] [--size 5120]
                           [--store-url sqlite|postgresql://user@host:port/db]
+                          [--processes N]
 
 Prints the accepted rate (every DATA answered 250 by the gateway, as timed by
 smtp-source's run) and the end-to-end rate (until smtp-sink has counted every
 message). The gateway runs as a subprocess with a durable store (SQLite in a temp
 dir, WAL with synchronous=FULL; or a fresh database created on the given PostgreSQL
-server and dropped afterwards) on free loopback ports. Everything it starts is
-stopped and every temp file removed, on success or failure.
+server and dropped afterwards) on free loopback ports; `--processes N` runs it as
+`serve --workers N` (N gateway processes on the same ports; PostgreSQL only). The CPU
+figure is the gateway's whole process tree. Everything it starts is stopped and every
+temp file removed, on success or failure.
 
 This is a benchmark, not a test: it fails only when the run itself is broken
 (a message refused or never delivered).
@@ -39,7 +42,7 @@ from pathlib import Path
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 HOST = "127.0.0.1"
-START_TIMEOUT = 20.0
+START_TIMEOUT = 60.0
 _MESG = re.compile(rb"mesg=(\d+)")
 
 
@@ -89,12 +92,14 @@ class GatewayProcess:
     smtp_port: int
     http_port: int
     log: Path
+    processes: int = 1
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
+                 "--workers", str(self.processes)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(self._ready, START_TIMEOUT, "the gateway did not start")
 
@@ -102,6 +107,8 @@ class GatewayProcess:
         assert self.process is not None
         if self.process.poll() is not None:
             raise SystemExit(f"the gateway exited with {self.process.returncode}:\n{self.tail()}")
+        if self.processes > 1 and "Sekisho listening" not in self.tail():
+            return False  # the supervisor says so once every worker is up
         try:
             url = f"http://{HOST}:{self.http_port}/healthz"
             with urllib.request.urlopen(url, timeout=1) as response:
@@ -112,19 +119,34 @@ class GatewayProcess:
         return _smtp_banner(self.smtp_port)
 
     def stop(self) -> None:
-        _terminate(self.process, signal.SIGTERM, grace=15)
+        _terminate(self.process, signal.SIGTERM, grace=70 if self.processes > 1 else 15)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the gateway process so far (Linux /proc)."""
+        """User + system CPU of the gateway and its worker processes so far (Linux /proc)."""
         assert self.process is not None
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        stats = _proc_stats()
+        if self.process.pid not in stats:
             return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(cpu for pid, (ppid, cpu) in stats.items()
+                   if pid == self.process.pid or ppid == self.process.pid)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process we can read."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stats[int(entry.name)] = (int(fields[1]), cpu)
+    return stats
 
 
 def _smtp_banner(port: int) -> bool:
@@ -191,7 +213,8 @@ def store(url: str, tmp: Path) -> Iterator[str]:
         _pg(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_config(tmp: Path, store_url: str, sink_port: int, workers: int) -> GatewayProcess:
+def write_config(tmp: Path, store_url: str, sink_port: int, workers: int,
+                 processes: int = 1) -> GatewayProcess:
     smtp_port, http_port = free_port(), free_port()
     config = tmp / "gateway.toml"
     config.write_text(f"""
@@ -222,7 +245,7 @@ path = "{tmp / 'audit.log'}"
 [organization]
 domains = ["example.com"]
 """)
-    return GatewayProcess(config, smtp_port, http_port, tmp / "gateway.log")
+    return GatewayProcess(config, smtp_port, http_port, tmp / "gateway.log", processes)
 
 
 def audit_counts(path: Path) -> dict[str, int]:
@@ -240,7 +263,7 @@ def audit_counts(path: Path) -> dict[str, int]:
 def run(args: argparse.Namespace, tmp: Path) -> int:
     sink = Sink(free_port(), args.messages)
     with store(args.store_url, tmp) as store_url:
-        gateway = write_config(tmp, store_url, sink.port, args.workers)
+        gateway = write_config(tmp, store_url, sink.port, args.workers, args.processes)
         try:
             sink.start()
             gateway.start()
@@ -273,7 +296,8 @@ def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> in
     events = audit_counts(gateway.config.with_name("audit.log"))
     accepted = events.get("message.accepted", 0)
     print(f"messages={args.messages} sessions={args.sessions} size={args.size} "
-          f"store={args.store_url.split(':', 1)[0]} workers={args.workers}")
+          f"store={args.store_url.split(':', 1)[0]} workers={args.workers} "
+          f"processes={args.processes}")
     print(f"accepted:   {accepted}/{args.messages} in {accepted_s:.2f} s "
           f"= {accepted / accepted_s:.0f} msg/s")
     print(f"end-to-end: {sink.count}/{args.messages} at the sink in {end_to_end_s:.2f} s "
@@ -305,11 +329,16 @@ def main(argv: list[str] | None = None) -> int:
                              "a fresh database is created and dropped")
     parser.add_argument("--workers", type=int, default=4,
                         help="[delivery] workers and connections (the shipped default is 4)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="gateway processes: `serve --workers N` (PostgreSQL only; "
+                             "each has its own [delivery] workers)")
     parser.add_argument("--reuse", action="store_true",
                         help="smtp-source -d: several messages per session")
     parser.add_argument("--timeout", type=float, default=150.0,
                         help="seconds allowed for the whole relay")
     args = parser.parse_args(argv)
+    if args.processes > 1 and args.store_url == "sqlite":
+        parser.error("--processes > 1 needs --store-url postgresql://…")
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not Path(tool).exists():
             parser.error(f"{tool} not found: apt-get install postfix")
