@@ -68,7 +68,10 @@ class Sink:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
         self.process = subprocess.Popen(
             [SMTP_SINK, *user, "-c", f"{HOST}:{self.port}", "256"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         threading.Thread(target=self._read, name="sink-counter", daemon=True).start()
         wait_for(lambda: _smtp_banner(self.port), START_TIMEOUT, "smtp-sink did not start")
 
@@ -98,9 +101,20 @@ class GatewayProcess:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
-                 "--workers", str(self.processes)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--workers",
+                    str(self.processes),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         wait_for(self._ready, START_TIMEOUT, "the gateway did not start")
 
     def _ready(self) -> bool:
@@ -127,8 +141,11 @@ class GatewayProcess:
         stats = _proc_stats()
         if self.process.pid not in stats:
             return float("nan")
-        return sum(cpu for pid, (ppid, cpu) in stats.items()
-                   if pid == self.process.pid or ppid == self.process.pid)
+        return sum(
+            cpu
+            for pid, (ppid, cpu) in stats.items()
+            if pid == self.process.pid or ppid == self.process.pid
+        )
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
@@ -157,8 +174,9 @@ def _smtp_banner(port: int) -> bool:
         return False
 
 
-def _terminate(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-               grace: float = 5) -> None:
+def _terminate(
+    process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace: float = 5
+) -> None:
     if process is None or process.poll() is not None:
         return
     process.send_signal(sig)
@@ -213,8 +231,9 @@ def store(url: str, tmp: Path) -> Iterator[str]:
         _pg(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_config(tmp: Path, store_url: str, sink_port: int, workers: int,
-                 processes: int = 1) -> GatewayProcess:
+def write_config(
+    tmp: Path, store_url: str, sink_port: int, workers: int, processes: int = 1
+) -> GatewayProcess:
     smtp_port, http_port = free_port(), free_port()
     config = tmp / "gateway.toml"
     config.write_text(f"""
@@ -240,7 +259,7 @@ url = "{store_url}"
 listen = "{HOST}:{http_port}"
 
 [audit]
-path = "{tmp / 'audit.log'}"
+path = "{tmp / "audit.log"}"
 
 [organization]
 domains = ["example.com"]
@@ -278,14 +297,27 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
 
 def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> int:
-    command = [SMTP_SOURCE, "-s", str(args.sessions), "-m", str(args.messages),
-               "-l", str(args.size), "-f", "bench@example.com", "-t", "rcpt@client.example",
-               *(["-d"] if args.reuse else []), f"{HOST}:{gateway.smtp_port}"]
+    command = [
+        SMTP_SOURCE,
+        "-s",
+        str(args.sessions),
+        "-m",
+        str(args.messages),
+        "-l",
+        str(args.size),
+        "-f",
+        "bench@example.com",
+        "-t",
+        "rcpt@client.example",
+        *(["-d"] if args.reuse else []),
+        f"{HOST}:{gateway.smtp_port}",
+    ]
     print("$", " ".join(command), flush=True)
     cpu_before = gateway.cpu_seconds()
     started = time.monotonic()
-    source = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                            check=False)
+    source = subprocess.run(
+        command, capture_output=True, text=True, timeout=args.timeout, check=False
+    )
     accepted_s = time.monotonic() - started
     remaining = max(1.0, args.timeout - accepted_s)
     sink.done.wait(remaining)
@@ -295,16 +327,24 @@ def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> in
 
     events = audit_counts(gateway.config.with_name("audit.log"))
     accepted = events.get("message.accepted", 0)
-    print(f"messages={args.messages} sessions={args.sessions} size={args.size} "
-          f"store={args.store_url.split(':', 1)[0]} workers={args.workers} "
-          f"processes={args.processes}")
-    print(f"accepted:   {accepted}/{args.messages} in {accepted_s:.2f} s "
-          f"= {accepted / accepted_s:.0f} msg/s")
-    print(f"end-to-end: {sink.count}/{args.messages} at the sink in {end_to_end_s:.2f} s "
-          f"= {sink.count / end_to_end_s:.0f} msg/s")
-    print(f"gateway CPU: {cpu:.1f} s over {end_to_end_s:.1f} s wall "
-          f"({100 * cpu / end_to_end_s:.0f}% of one core; {os.cpu_count()} cores, "
-          f"load average {load:.1f})")
+    print(
+        f"messages={args.messages} sessions={args.sessions} size={args.size} "
+        f"store={args.store_url.split(':', 1)[0]} workers={args.workers} "
+        f"processes={args.processes}"
+    )
+    print(
+        f"accepted:   {accepted}/{args.messages} in {accepted_s:.2f} s "
+        f"= {accepted / accepted_s:.0f} msg/s"
+    )
+    print(
+        f"end-to-end: {sink.count}/{args.messages} at the sink in {end_to_end_s:.2f} s "
+        f"= {sink.count / end_to_end_s:.0f} msg/s"
+    )
+    print(
+        f"gateway CPU: {cpu:.1f} s over {end_to_end_s:.1f} s wall "
+        f"({100 * cpu / end_to_end_s:.0f}% of one core; {os.cpu_count()} cores, "
+        f"load average {load:.1f})"
+    )
     problems = []
     if source.returncode != 0 or source.stderr.strip():
         problems.append(f"smtp-source exited {source.returncode}: {source.stderr.strip()[-500:]}")
@@ -324,18 +364,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=5120, help="message size in bytes")
-    parser.add_argument("--store-url", default="sqlite",
-                        help="'sqlite' (a temp file) or a PostgreSQL server URL, on which "
-                             "a fresh database is created and dropped")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="[delivery] workers and connections (the shipped default is 4)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="gateway processes: `serve --workers N` (PostgreSQL only; "
-                             "each has its own [delivery] workers)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="smtp-source -d: several messages per session")
-    parser.add_argument("--timeout", type=float, default=150.0,
-                        help="seconds allowed for the whole relay")
+    parser.add_argument(
+        "--store-url",
+        default="sqlite",
+        help="'sqlite' (a temp file) or a PostgreSQL server URL, on which "
+        "a fresh database is created and dropped",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="[delivery] workers and connections (the shipped default is 4)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="gateway processes: `serve --workers N` (PostgreSQL only; "
+        "each has its own [delivery] workers)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="smtp-source -d: several messages per session"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=150.0, help="seconds allowed for the whole relay"
+    )
     args = parser.parse_args(argv)
     if args.processes > 1 and args.store_url == "sqlite":
         parser.error("--processes > 1 needs --store-url postgresql://…")
