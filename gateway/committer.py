@@ -48,6 +48,8 @@ class GroupCommitter:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
                 await self._commit(batch)
+                # Not kept alive until the next message: it may hold 50 MB of body.
+                del batch
 
     async def _commit(
         self, batch: Sequence[tuple[NewMessage, datetime, asyncio.Future[None]]]
