@@ -117,8 +117,9 @@ class Supervisor:
         links = {c.link.fileno(): c for c in self.children if c.link is not None}
         readable, _, _ = select.select([wake, *links], [], [], self._timeout())
         if wake in readable:
-            for signum in os.read(wake, 512):
-                self._on_signal(signum)
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                for signum in os.read(wake, 512):
+                    self._on_signal(signum)
         for fd in readable:
             if fd in links:
                 self._on_link(links[fd])
