@@ -1245,12 +1245,20 @@ def verdicts(
             (ratios["p99_ms"] <= 1.0, f"accept p99 <= Postfix's: {ratios['p99_ms']:.2f}x"),
         ]
     if memory:
+        # The figure is the peak while accepting; the same bar is applied to
+        # the whole way through delivery as well, and reported on its own line.
         lines.append(
             (
-                memory["rss50_accept"] <= 3.0 and memory["rss50_all"] <= 3.0,
-                f"peak RSS over baseline, 50 MB message <= 3x: "
-                f"{memory['rss50_accept']:.1f}x accepting, "
-                f"{memory['rss50_all']:.1f}x through delivery",
+                memory["rss50_accept"] <= 3.0,
+                f"peak RSS over baseline accepting a 50 MB message <= 3x: "
+                f"{memory['rss50_accept']:.1f}x",
+            )
+        )
+        lines.append(
+            (
+                memory["rss50_all"] <= 3.0,
+                f"(same bar) through delivery of the 50 MB message <= 3x: "
+                f"{memory['rss50_all']:.1f}x",
             )
         )
     if idle:
