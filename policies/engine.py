@@ -1,7 +1,8 @@
 """The single entry point the gateway calls: raw bytes and envelope in, verdict out.
 
 `inspect` never raises. Anything that goes wrong while building facts or evaluating
-rules holds the message with rule `policy-error` (fail closed).
+rules holds the message with rule `policy-error`, and parts the walk never reached
+(nested too deep, too many) hold it with rule `not-inspected` (fail closed).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def inspect(
         # every message. The caller gives them lower-case (the store keeps them so).
         traces = [evaluate(rule, facts, known_domains) for rule in policy.rules]
         verdict = combine(policy.rules, traces)
+        if facts.unwalked:
+            verdict = verdict.held_unwalked(facts.unwalked)
     except Exception as error:  # fail closed (RecursionError and MemoryError included)
         verdict = Verdict.policy_error(error)
     if facts is None:

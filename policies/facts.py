@@ -82,6 +82,9 @@ class MessageFacts:
     body_pii: tuple[Finding, ...]
     attachments: tuple[AttachmentFacts, ...]
     not_fully_inspected: tuple[str, ...]  # why, when a limit stopped inspection
+    # why the walk stopped before some parts (too deep, too many): they were never
+    # looked at, so no rule could have matched them
+    unwalked: str | None = None
 
     @property
     def external(self) -> tuple[Recipient, ...]:
@@ -102,8 +105,11 @@ def build_facts(
         normalize(_body_text(parsed, [leaf for leaf in leaves if not leaf.attachment])), "body"
     )
     cut = [*([limits.exceeded] if limits.exceeded else []), *budget.cut]
-    cut.extend(f"{a.label}: {a.detected_type.value} archive not inspected"
-               for a in attachments if a.detected_type in _OPAQUE and not a.encrypted)
+    cut.extend(
+        f"{a.label}: {a.detected_type.value} archive not inspected"
+        for a in attachments
+        if a.detected_type in _OPAQUE and not a.encrypted
+    )
     return MessageFacts(
         sender=envelope.mail_from,
         sender_domain=domain_of(envelope.mail_from),
@@ -116,6 +122,7 @@ def build_facts(
         body_pii=detect(body),
         attachments=attachments,
         not_fully_inspected=tuple(cut),
+        unwalked=limits.exceeded,
     )
 
 
@@ -175,9 +182,16 @@ def _attachment(
     inner = contents(data, kind, part.get_content_charset(), name or declared, budget)
     text = normalize(inner.text)
     return AttachmentFacts(
-        name=name, declared_type=declared, extension=extension, detected_type=kind, size=size,
-        encrypted=inner.encrypted, inside_message=found.inside_message, entries=inner.entries,
-        marks=_marks(book, name, inner.entries, text), pii=detect(text),
+        name=name,
+        declared_type=declared,
+        extension=extension,
+        detected_type=kind,
+        size=size,
+        encrypted=inner.encrypted,
+        inside_message=found.inside_message,
+        entries=inner.entries,
+        marks=_marks(book, name, inner.entries, text),
+        pii=detect(text),
     )
 
 

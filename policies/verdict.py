@@ -8,6 +8,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 POLICY_ERROR = "policy-error"
+NOT_INSPECTED = "not-inspected"
 
 
 class Action(StrEnum):
@@ -93,6 +94,26 @@ class Verdict(_Frozen):
             rule=POLICY_ERROR,
             reason="the message could not be inspected; held for review",
             trace=(RuleTrace(rule=POLICY_ERROR, matched=True, action=Action.HOLD, error=detail),),
+        )
+
+    def held_unwalked(self, why: str) -> Verdict:
+        """Fail closed: parts the walk never reached (nested too deep, too many) were
+        seen by no rule, so a verdict weaker than a hold becomes one. What the rules
+        asked for (encryption, Bcc, approvers) is kept for when it is released."""
+        if self.action.strength >= Action.HOLD.strength:
+            return self
+        return self.model_copy(
+            update={
+                "action": Action.HOLD,
+                "rule": NOT_INSPECTED,
+                "reason": f"parts of the message were not inspected ({why}); held for review",
+                "delay_seconds": None,
+                "sender_may_release": False,
+                "trace": (
+                    *self.trace,
+                    RuleTrace(rule=NOT_INSPECTED, matched=True, action=Action.HOLD, error=why),
+                ),
+            }
         )
 
 
