@@ -18,6 +18,7 @@ import pytest
 import pyzipper
 from sqlalchemy import select
 
+from policies.transforms.encrypt import EncryptError
 from quarantine.models import Message, Recipient
 from tests.conftest import Received, Upstream, gateway_config, running
 from tests.transforms import samples
@@ -208,6 +209,32 @@ async def test_bcc_rule_hides_external_recipients_from_the_headers(
 
 
 async def test_message_that_cannot_be_protected_is_held_not_sent(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cannot_protect(*_args: Any, **_kwargs: Any) -> Any:
+        raise EncryptError("injected: the attachment could not be zipped")
+
+    monkeypatch.setattr("gateway.protect.encrypt_attachments", cannot_protect)
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        clients=CLIENTS,
+        rules=ENCRYPT_EXTERNAL,
+        encryption={"notify": "none"},
+    )
+    async with running(config) as gw:
+        await _send(gw.smtp_port, samples.outlook_message(), ["c@acme.example"])
+        message = await _settled(gw)
+    assert message.state == "held" and message.rule == "protection-failed"
+    # it waits for a person for [approval].expire_after, not for a delay long past
+    assert message.release_at is not None
+    assert message.release_at > datetime.now(UTC) + timedelta(days=2)
+    assert upstream.received == []
+    assert '"event":"message.held"' in Path(config.audit.path).read_text()
+
+
+async def test_message_with_more_parts_than_inspected_is_held_at_intake_not_sent(
     tmp_path: Path, sqlite_url: str, upstream: Upstream
 ) -> None:
     config = gateway_config(
@@ -230,20 +257,22 @@ async def test_message_that_cannot_be_protected_is_held_not_sent(
     )
     async with running(config) as gw:
         await _send(gw.smtp_port, raw, ["c@acme.example"])
-        for _ in range(100):
-            async with gw.store.read() as session:
-                message = (await session.scalars(select(Message))).one()
-            if message.state != "queued":
-                break
-            import asyncio
+        message = await _settled(gw)
+        await asyncio.sleep(0.3)  # a delivery round would have sent it by now
+    assert message.state == "held" and message.rule == "not-inspected"
+    assert message.verdict["encrypt"]  # approved later, it still leaves protected
+    # only the sender's "held" notice left; nothing reached the recipient
+    assert [r.rcpt_tos for r in upstream.received] in ([], [["yamada@example.com"]])
 
-            await asyncio.sleep(0.05)
-    assert message.state == "held" and message.rule == "protection-failed"
-    # it waits for a person for [approval].expire_after, not for a delay long past
-    assert message.release_at is not None
-    assert message.release_at > datetime.now(UTC) + timedelta(days=2)
-    assert upstream.received == []
-    assert '"event":"message.held"' in Path(config.audit.path).read_text()
+
+async def _settled(gw: Any) -> Message:
+    for _ in range(100):
+        async with gw.store.read() as session:
+            message: Message = (await session.scalars(select(Message))).one()
+        if message.state != "queued":
+            return message
+        await asyncio.sleep(0.05)
+    return message
 
 
 def _is_notice(received: Received) -> bool:
