@@ -29,6 +29,7 @@ from gateway.ids import new_id
 from gateway.protect import HoldForReview
 from gateway.transports import Results, Transport
 from policies.verdict import Verdict
+from quarantine import approvals as qa
 from quarantine import repository as repo
 from quarantine.db import Store
 from quarantine.repository import Claim, ClaimedRecipient, NewMessage, OutcomeRow
@@ -176,6 +177,10 @@ class Delivery:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
                 task.cancel()
+        if self._recorder is not None:
+            # Outcomes of finished sends are recorded before the leases go back;
+            # otherwise they would be dropped and that mail sent again.
+            await asyncio.wait({self._recorder}, timeout=grace)
         with contextlib.suppress(Exception):
             async with self._store.transaction(durable=False) as session:
                 await repo.return_leases(session, self.owner)
@@ -188,10 +193,17 @@ class Delivery:
             due = await repo.due_delays(session, now)
         if not due:
             return
+        released = []
         async with self._store.transaction(durable=False) as session:
             for message_id in await repo.due_delays(session, now):
-                await repo.release_message(session, message_id, now)
-                self._audit.emit("message.released", id=message_id, reason="delay-ended")
+                message = await qa.lock_message(session, message_id)
+                # another instance may have released it (or the sender cancelled it)
+                # while we waited for the lock
+                if message is not None and message.state is MessageState.DELAYED:
+                    await qa.release_locked(session, message, now)
+                    released.append(message_id)
+        for message_id in released:  # only what was committed reaches the audit log
+            self._audit.emit("message.released", id=message_id, reason="delay-ended")
 
     async def _deliver_guarded(self, claim: Claim) -> None:
         async with self._slots:
@@ -230,7 +242,7 @@ class Delivery:
                 claim.message_id,
                 "protection-failed",
                 now,
-                owner=self.owner,
+                ours=[r.id for r in claim.recipients],
                 expires_at=now + self._hold_for,
             )
         if held:
@@ -350,18 +362,13 @@ class Delivery:
                     bounced.append(Failed(o.recipient.address, o.code, o.response))
             if bounced and claim.mail_from and claim.kind != "dsn":
                 events.append(self._queue_dsn(session, claim, bounced, now))
-        known = self._known_domains()
-        repo.remember_domains(
-            session,
-            (
-                o.recipient.address.rpartition("@")[2].lower()
-                for item in batch
-                for o in item.outcomes
-                if o.state is RecipientState.DELIVERED and o.recipient.id in kept
-            ),
-            now,
-            known=known,
-        )
+        delivered_to = {
+            item.claim.domain
+            for item in batch
+            for o in item.outcomes
+            if o.state is RecipientState.DELIVERED and o.recipient.id in kept
+        }
+        repo.remember_domains(session, delivered_to, now, known=self._known_domains())
         finished = repo.finish_messages(session, [i.claim.message_id for i in batch], now)
         events.extend((f"message.{state.value}", {"id": mid}) for mid, state in finished)
         if self._after_recorded is not None:
@@ -374,12 +381,11 @@ class Delivery:
     ) -> Event:
         """A bounce goes back to the sender as a queued message with the null sender,
         so it is durable and retried like any other; a bounce never bounces."""
-        raw = repo.body_of(session, claim.message_id)
         dsn = build_dsn(
             reporting_host=self._host,
             original_id=claim.message_id,
             original_from=claim.mail_from,
-            original=raw or b"",
+            original=claim.raw or b"",
             failed=bounced,
             arrival=claim.created_at,
             now=now,

@@ -31,8 +31,8 @@ class KnownDomains:
         except Exception:
             log.warning("could not refresh known recipient domains; keeping the last set")
             return
-        # lower-case for the policy engine (delivery stored them so already)
-        self.domains = frozenset(d.lower() for d in found) | self.domains
+        # stored lower-case (a claim's domain), as the policy engine looks them up
+        self.domains = frozenset(found) | self.domains
 
     def observe(self, event: dict[str, Any]) -> None:
         """An audit observer: a domain just delivered to is known from now on."""

@@ -127,7 +127,15 @@ class Store:
         assert self._write_lock is not None
         async with self._write_lock:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._thread, self._run_here, work, durable)
+            done = loop.run_in_executor(self._thread, self._run_here, work, durable)
+            try:
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                # The thread goes on with the transaction: the write lock stays held
+                # until it has committed or rolled back, or the next writer would
+                # meet SQLite's own lock instead of ours.
+                await asyncio.wait({done})
+                raise
 
     def _run_here(self, work: Callable[[Session], T], durable: bool) -> T:
         with self._sync_sessions[durable].begin() as session:

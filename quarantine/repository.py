@@ -251,11 +251,7 @@ def claim_due(
 
 
 async def load_raw(session: AsyncSession, message_id: str) -> bytes | None:
-    return await session.run_sync(body_of, message_id)
-
-
-def body_of(session: Session, message_id: str) -> bytes | None:
-    return session.scalar(_BODY, {"id": message_id})
+    return await session.scalar(_BODY, {"id": message_id})
 
 
 _BODY = select(_bodies.raw).where(_bodies.message_id == bindparam("id"))
@@ -409,35 +405,22 @@ async def return_leases(session: AsyncSession, owner: str) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-async def release_message(session: AsyncSession, message_id: str, now: datetime) -> bool:
-    """Held or delayed → queued: its waiting recipients become due now."""
-    message = await session.get(Message, message_id, with_for_update=True)
-    if message is None:
-        return False
-    message.state = check_message(message.state, MessageState.QUEUED)
-    message.updated_at = now
-    await session.execute(
-        update(Recipient)
-        .where(Recipient.message_id == message_id, Recipient.state == RecipientState.WAITING)
-        .values(state=RecipientState.QUEUED, next_attempt_at=now, queued_at=now, updated_at=now)
-    )
-    return True
-
-
 async def hold_message(
     session: AsyncSession,
     message_id: str,
     reason: str,
     now: datetime,
     *,
-    owner: str | None = None,
+    ours: Sequence[int] = (),
     expires_at: datetime | None = None,
 ) -> bool:
     """Queued → held, its unfinished recipients back to waiting (fail closed).
 
-    Recipients another worker is sending to right now keep their lease, so that
-    worker's result is recorded rather than dropped; claims skip recipients of any
-    message that is not queued, so nothing more leaves until someone approves it.
+    `ours`: the recipients of the claim that holds it. Recipients any other claim is
+    sending to right now (of this instance too: a message's domains are claimed
+    separately) keep their lease, so that send's result is recorded rather than
+    dropped; claims skip recipients of any message that is not queued, so nothing
+    more leaves until someone approves it.
     """
     message = await session.get(Message, message_id, with_for_update=True)
     if message is None or message.state is not MessageState.QUEUED:
@@ -448,7 +431,7 @@ async def hold_message(
     message.release_at = expires_at  # a hold's expiry, not the old end of a delay
     not_in_flight = or_(
         Recipient.lease_owner.is_(None),
-        Recipient.lease_owner == owner,
+        Recipient.id.in_(ours),
         Recipient.lease_expires_at < now,
     )
     await session.execute(

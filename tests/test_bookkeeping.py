@@ -300,3 +300,43 @@ async def test_bodies_round_trip_byte_for_byte_around_the_streaming_size(
         await store.close()
     assert stored == bodies
     assert sorted(streamed) == (["big", "edge"] if store.is_sqlite else [])
+
+
+async def test_a_hold_at_delivery_leaves_the_other_domains_send_in_flight(store_url: str) -> None:
+    # One message, two domains: two claims of the same instance. Claim A's protection
+    # fails and holds the message while claim B is still sending: B's recipient keeps
+    # its lease, so B's result is recorded, not dropped (and sent again on approval).
+    store = Store(store_url)
+    now = datetime.now(UTC)
+    new = NewMessage(
+        id="m1",
+        mail_from="alice@example.com",
+        rcpt_tos=["a@a.example", "b@b.example"],
+        raw=MESSAGE,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+    try:
+        await upgrade(store)
+        await store.run(lambda session: repo.add_messages(session, [(new, now)]))
+        claims = await store.run(
+            partial(repo.claim_due, owner="gw", now=now, lease=timedelta(minutes=1), limit=10),
+            durable=False,
+        )
+        by_domain = {c.domain: c for c in claims}
+        a, b = by_domain["a.example"], by_domain["b.example"]
+        async with store.transaction(durable=False) as session:
+            held = await repo.hold_message(
+                session, "m1", "protection-failed", now, ours=[r.id for r in a.recipients]
+            )
+        assert held
+        sent = [OutcomeRow(b.recipients[0].id, RecipientState.DELIVERED, 250, "2.0.0 ok")]
+        kept = await store.run(
+            partial(repo.record_outcomes, outcomes=sent, owner="gw", now=now), durable=False
+        )
+        async with store.read() as session:
+            states = dict((await session.execute(select(Recipient.address, Recipient.state))).all())
+    finally:
+        await store.close()
+    assert kept == {b.recipients[0].id}
+    assert states == {"a@a.example": "waiting", "b@b.example": "delivered"}
