@@ -339,21 +339,36 @@ def _safe_url(url: str) -> str:
 async def serve(config_path: Path) -> None:
     config = load_config(config_path)
     gateway = Gateway(config)
+
+    def announce() -> None:
+        log.info(
+            "Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
+            config.smtp.listen.host,
+            gateway.smtp_port,
+            f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
+            config.delivery.upstream,
+        )
+
+    await run_gateway(gateway, config_path, asyncio.Event(), announce)
+
+
+async def run_gateway(
+    gateway: Gateway, config_path: Path, stop: asyncio.Event, announce: Callable[[], None]
+) -> None:
+    """Start, serve until `stop` is set (SIGTERM, SIGINT), then drain and stop; SIGHUP
+    reloads the rules. Used by `serve` and by each `serve --workers` process."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     # Before start: SMTP answers while the rest is still loading, and a SIGTERM then
-    # must drain like any other, not kill the process mid-transaction.
+    # must drain like any other, not kill the process mid-transaction; a SIGHUP's
+    # default action would kill it outright.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
-    log.info(
-        "Sekisho listening: SMTP %s:%d, HTTP %s, delivering to %s",
-        config.smtp.listen.host,
-        gateway.smtp_port,
-        f"{config.admin.listen.host}:{gateway.http_port}" if config.admin.listen else "off",
-        config.delivery.upstream,
-    )
     loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(config_path))
-    await stop.wait()
-    log.info("shutting down: finishing sessions and deliveries in flight")
-    await gateway.stop()
+    try:
+        await gateway.start()
+        announce()
+        await stop.wait()
+        log.info("shutting down: finishing sessions and deliveries in flight")
+    finally:
+        # also after a failed start: whatever had started drains and hands back work
+        await gateway.stop()

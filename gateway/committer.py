@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 64
 
 
+class Closed(Exception):
+    """The committer is closing: the message was not stored (the client hears 451)."""
+
+
 class GroupCommitter:
     def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
         self._store = store
@@ -30,9 +34,13 @@ class GroupCommitter:
         self._pending: list[tuple[NewMessage, datetime, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._committing = False
+        self._closed = False
 
     async def commit(self, message: NewMessage, now: datetime) -> None:
         """Return once `message` is durably committed; raise if it could not be."""
+        if self._closed:
+            raise Closed("the gateway is stopping")
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -47,7 +55,11 @@ class GroupCommitter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
-                await self._commit(batch)
+                self._committing = True
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = False
                 # Not kept alive until the next message: it may hold 50 MB of body.
                 del batch
 
@@ -73,11 +85,21 @@ class GroupCommitter:
         for _, _, done in batch:
             _settle(done, None)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Refuse new messages, let those already handed over commit (each submitter
+        hears how its own commit went), then stop. A commit is never cut off halfway:
+        its client would not know whether the message was taken."""
+        self._closed = True
+        deadline = asyncio.get_running_loop().time() + grace
+        while (self._pending or self._committing) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for _, _, done in self._pending:  # the store never answered within the grace
+            _settle(done, Closed("the gateway stopped before the message was stored"))
+        self._pending.clear()
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:

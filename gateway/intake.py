@@ -90,7 +90,6 @@ class Intake:
         known_domains: Callable[[], frozenset[str]] = frozenset,
         on_held: Callable[[str], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
-        self._store = store
         self._committer = GroupCommitter(store)
         self._audit = audit
         self._policy = policy
@@ -100,9 +99,12 @@ class Intake:
         self._on_queued = on_queued
         self._known_domains = known_domains
         self._on_held = on_held
+        self._notifying: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         await self._committer.close()
+        if self._notifying:  # notices of held mail being queued: let them finish
+            await asyncio.wait(set(self._notifying), timeout=5)
 
     async def submit(self, submission: Submission) -> str:
         """Return the SMTP reply for one DATA. Never raises, never 250s a failure."""
@@ -180,7 +182,9 @@ class Intake:
             self._on_queued()
         if state is MessageState.HELD and self._on_held is not None:
             # After the commit and off the reply's path: the 250 does not wait for it.
-            asyncio.get_running_loop().create_task(self._on_held(message_id))
+            task = asyncio.get_running_loop().create_task(self._on_held(message_id))
+            self._notifying.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._notifying.discard)
         return f"250 2.0.0 Ok: queued as {message_id}"
 
     async def _inspect(self, data: bytes, envelope: Envelope, now: datetime) -> Inspection:

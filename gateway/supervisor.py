@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from gateway.app import Gateway, StartupError, audit_instance, check_schema
+from gateway.app import Gateway, StartupError, audit_instance, check_schema, run_gateway
 from gateway.config import Config, Endpoint
 from quarantine.db import Store
 
@@ -410,8 +410,6 @@ async def run_worker(
     gateway = Gateway(config, reuse_port=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     def parent_gone() -> None:
         try:
@@ -427,21 +425,21 @@ async def run_worker(
             stop.set()
 
     loop.add_reader(link.fileno(), parent_gone)
-    await gateway.start()
-    link.send(READY)
-    log.info(
-        "worker %d of %d (pid %d) listening: SMTP %s:%d, audit instance %s",
-        index,
-        workers,
-        os.getpid(),
-        config.smtp.listen.host,
-        gateway.smtp_port,
-        config.audit.instance,
-    )
-    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(config_path))
-    await stop.wait()
-    log.info("worker %d: shutting down: finishing sessions and deliveries in flight", index)
-    await gateway.stop()
+
+    def announce() -> None:
+        with contextlib.suppress(OSError):  # the parent may be gone; parent_gone stops us
+            link.send(READY)
+        log.info(
+            "worker %d of %d (pid %d) listening: SMTP %s:%d, audit instance %s",
+            index,
+            workers,
+            os.getpid(),
+            config.smtp.listen.host,
+            gateway.smtp_port,
+            config.audit.instance,
+        )
+
+    await run_gateway(gateway, config_path, stop, announce)
     with contextlib.suppress(ValueError):
         loop.remove_reader(link.fileno())
     link.close()

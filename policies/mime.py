@@ -52,17 +52,6 @@ class WalkLimits:
     exceeded: str | None = None
 
 
-def is_attachment(part: Message) -> bool:
-    """A leaf part is an attachment if it is declared one or carries a filename.
-
-    An inline image without a filename (a `cid:` picture in an HTML body) is body, not
-    an attachment; so are text parts without a filename.
-    """
-    if part.is_multipart():
-        return False
-    return _declared_attachment(part, filename_of(part))
-
-
 def _declared_attachment(part: Message, filename: str | None) -> bool:
     return filename is not None or part.get_content_disposition() == "attachment"
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import smtplib
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -340,3 +341,44 @@ async def test_a_hold_at_delivery_leaves_the_other_domains_send_in_flight(store_
         await store.close()
     assert kept == {b.recipients[0].id}
     assert states == {"a@a.example": "waiting", "b@b.example": "delivered"}
+
+
+async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuses_new_ones(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.committer import Closed, GroupCommitter
+
+    store = Store(sqlite_url)
+    now = datetime.now(UTC)
+    started = threading.Event()
+    original = repo.add_messages
+
+    def slow_add(session: Any, batch: Any) -> None:
+        started.set()
+        time.sleep(0.3)  # the store is slow: the close arrives mid-commit
+        original(session, batch)
+
+    def message(mid: str) -> NewMessage:
+        return NewMessage(
+            id=mid,
+            mail_from="a@example.com",
+            rcpt_tos=["b@x.example"],
+            raw=MESSAGE,
+            state=MessageState.QUEUED,
+            verdict={},
+        )
+
+    try:
+        await upgrade(store)
+        monkeypatch.setattr(repo, "add_messages", slow_add)
+        committer = GroupCommitter(store)
+        first = asyncio.create_task(committer.commit(message("m1"), now))
+        await asyncio.to_thread(started.wait, 5)
+        await committer.close()
+        await asyncio.wait_for(first, 5)  # its client hears 250: the commit was not cut off
+        with pytest.raises(Closed):
+            await committer.commit(message("m2"), now)
+        async with store.read() as session:
+            assert (await session.scalars(select(Message.id))).all() == ["m1"]
+    finally:
+        await store.close()
