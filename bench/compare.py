@@ -2,7 +2,7 @@
 
     python bench/compare.py [--rounds 3] [--messages 2000] [--sessions 20] [--size 5120]
                             [--million | --list-messages N] [--pg-url URL | --no-pg]
-                            [--workers N] [--py-spy FILE]
+                            [--workers N] [--processes 1,2] [--py-spy FILE]
 
 What it runs, all on 127.0.0.1 and all under one temp dir that is removed at the end:
 
@@ -13,11 +13,13 @@ What it runs, all on 127.0.0.1 and all under one temp dir that is removed at the
   (wrong-client-attachment refuse, personal-data hold, external attachments encrypted,
   many-external-recipients bcc, mixed-clients, already-encrypted and
   not-fully-inspected hold), durable commits on (SQLite WAL, synchronous=FULL), its
-  shipped delivery settings, relaying to a second `smtp-sink`;
-- the same `smtp-source` load through each, alternating Postfix, Sekisho over the
-  rounds: accepted msg/s (smtp-source's run), end-to-end msg/s (until the sink has
-  counted every message), then one sequential session of N messages timing
-  DATA -> 250 (p50/p99); then the medians and the ratios Sekisho/Postfix;
+  shipped delivery settings, relaying to a second `smtp-sink`; once as one process
+  and once as `serve --workers 2` (two processes on the same port and SQLite file,
+  each its own sink; `--processes` picks the counts);
+- the same `smtp-source` load through each, alternating Postfix, Sekisho, Sekisho
+  with 2 processes over the rounds: accepted msg/s (smtp-source's run), end-to-end
+  msg/s (until the sink has counted every message), then one sequential session of
+  N messages timing DATA -> 250 (p50/p99); then the medians and the ratios to Postfix;
 - the gateway's peak RSS over its baseline (VmHWM after a reset through
   /proc/PID/clear_refs, and a 5 ms VmRSS sampler) while accepting one 50 MB message
   and while a 25 MB message with 10 attachments is encrypted at delivery;
@@ -61,6 +63,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from relay import proc_stats  # bench/ is the script's directory, first on sys.path
 
 HOST = "127.0.0.1"
 POSTFIX = "/usr/sbin/postfix"
@@ -354,6 +358,7 @@ class Gateway:
     upstream: str
     max_connections: int = 500
     workers: int | None = None
+    processes: int = 1  # `serve --workers N`
     smtp_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -428,9 +433,12 @@ domains = ["example.com"]
         if not self.config.exists():
             self.write()
         started = time.monotonic()
+        command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)]
+        if self.processes > 1:
+            command += ["--workers", str(self.processes)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -445,6 +453,8 @@ domains = ["example.com"]
         assert self.process is not None
         if self.process.poll() is not None:
             raise Failure(f"the gateway exited with {self.process.returncode}:\n{self.tail()}")
+        if self.processes > 1 and "Sekisho listening" not in self.tail():
+            return False  # the supervisor says so once every worker is up
         return smtp_banner(self.smtp_port)
 
     def _healthy(self) -> bool:
@@ -457,7 +467,7 @@ domains = ["example.com"]
             return False
 
     def stop(self) -> None:
-        terminate(self.process, grace=15)
+        terminate(self.process, grace=15 if self.processes == 1 else 70)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
@@ -487,8 +497,8 @@ domains = ["example.com"]
         raise Failure(f"no {key} in /proc/{self.pid}/status")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the gateway and its worker processes so far."""
+        return sum(cpu for pid, (ppid, cpu) in proc_stats().items() if self.pid in (pid, ppid))
 
 
 class PeakRss:
@@ -685,55 +695,69 @@ def accept_latency(
     return statistics.median(took), pct(took, 0.99)
 
 
+def relay_name(processes: int) -> str:
+    return "sekisho" if processes == 1 else f"sekisho-w{processes}"
+
+
 def relay_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, list[Run]]:
-    postfix_sink, sekisho_sink = Sink("postfix-sink"), Sink("sekisho-sink")
+    postfix_sink = Sink("postfix-sink")
     postfix = PostfixInstance(tmp / "postfix", postfix_sink.port)
-    gateway = Gateway(
-        tmp / "sekisho-relay",
-        f"sqlite:///{tmp / 'sekisho-relay' / 'store.db'}",
-        f"smtp://{HOST}:{sekisho_sink.port}",
-        workers=args.workers,
-    )
-    runs: dict[str, list[Run]] = {"postfix": [], "sekisho": []}
+    relays: list[tuple[str, Gateway, Sink]] = []
+    for processes in args.processes:
+        name = relay_name(processes)
+        root = tmp / f"{name}-relay"
+        sink = Sink(f"{name}-sink")
+        gateway = Gateway(
+            root,
+            f"sqlite:///{root / 'store.db'}",
+            f"smtp://{HOST}:{sink.port}",
+            workers=args.workers,
+            processes=processes,
+        )
+        relays.append((name, gateway, sink))
+    runs: dict[str, list[Run]] = {"postfix": [], **{name: [] for name, _, _ in relays}}
     profiler: subprocess.Popen[bytes] | None = None
     try:
         postfix_sink.start()
-        sekisho_sink.start()
         postfix.start()
-        gateway.start()
-        STARTUPS.append(("sekisho, empty SQLite store (creates the schema)", gateway.start_s))
         print(
             f"postfix: private instance on {HOST}:{postfix.port} (started in "
             f"{postfix.start_s:.2f} s) -> smtp-sink {postfix_sink.port}"
         )
-        print(
-            f"sekisho: pid {gateway.pid} on {HOST}:{gateway.smtp_port}, SQLite "
-            f"(WAL, synchronous=FULL), {uvloop_note()} -> smtp-sink {sekisho_sink.port}"
-        )
+        for name, gateway, sink in relays:
+            sink.start()
+            gateway.start()
+            how = f"serve --workers {gateway.processes}"
+            if gateway.processes == 1:
+                how = "one process"
+                label = "sekisho, empty SQLite store (creates the schema)"
+                STARTUPS.append((label, gateway.start_s))
+            print(
+                f"{name}: pid {gateway.pid} on {HOST}:{gateway.smtp_port}, {how}, SQLite "
+                f"(WAL, synchronous=FULL), {uvloop_note()} -> smtp-sink {sink.port}"
+            )
         load = (
             f"smtp-source -s {args.sessions} -m {args.messages} -l {args.size} "
             f"(one connection per message); latency: one session, "
             f"{args.latency_messages} x {args.size} B, DATA -> 250"
         )
         print(f"load: {load}\n")
-        # A warm-up through each, so neither pays for first-use costs in round 1.
-        for name, port, sink in (
-            ("postfix", postfix.port, postfix_sink),
-            ("sekisho", gateway.smtp_port, sekisho_sink),
-        ):
+        contestants: list[tuple[str, int, Sink, Gateway | None]] = [
+            ("postfix", postfix.port, postfix_sink, None),
+            *((name, gateway.smtp_port, sink, gateway) for name, gateway, sink in relays),
+        ]
+        # A warm-up through each, so none pays for first-use costs in round 1.
+        for name, port, sink, _ in contestants:
             accept_latency(
                 argparse.Namespace(**{**vars(args), "latency_messages": 50}), name, port, sink
             )
         print(
-            f"{'round':<6}{'relay':<9}{'accepted msg/s':>15}{'end-to-end msg/s':>18}"
+            f"{'round':<6}{'relay':<11}{'accepted msg/s':>15}{'end-to-end msg/s':>18}"
             f"{'p50 ms':>9}{'p99 ms':>9}{'load':>6}"
         )
         for round_no in range(1, args.rounds + 1):
-            for name, port, sink, gw in (
-                ("postfix", postfix.port, postfix_sink, None),
-                ("sekisho", gateway.smtp_port, sekisho_sink, gateway),
-            ):
-                if gw and args.py_spy and round_no == args.rounds:
+            for name, port, sink, gw in contestants:
+                if gw and gw.processes == 1 and args.py_spy and round_no == args.rounds:
                     profiler = start_py_spy(args.py_spy, gw.pid)
                 accepted, end_to_end, note = relay_load(args, name, port, sink, gw)
                 if profiler:
@@ -742,21 +766,23 @@ def relay_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, list[Run]]:
                 p50, p99 = accept_latency(args, name, port, sink)
                 runs[name].append(Run(accepted, end_to_end, p50, p99))
                 print(
-                    f"{round_no:<6}{name:<9}{accepted:>15.0f}{end_to_end:>18.0f}"
+                    f"{round_no:<6}{name:<11}{accepted:>15.0f}{end_to_end:>18.0f}"
                     f"{p50:>9.2f}{p99:>9.2f}{os.getloadavg()[0]:>6.1f}{note}",
                     flush=True,
                 )
-        held = gateway.count("message.held")
-        refused = gateway.count("message.refused")
-        if held or refused:
-            raise Failure(f"sekisho held {held} and refused {refused} of the plain bench mail")
+        for name, gateway, _ in relays:
+            held = gateway.count("message.held")
+            refused = gateway.count("message.refused")
+            if held or refused:
+                raise Failure(f"{name} held {held} and refused {refused} of the plain bench mail")
     finally:
         if profiler:
             stop_py_spy(profiler, args.py_spy)
-        gateway.stop()
+        for _, gateway, sink in relays:
+            gateway.stop()
+            sink.stop()
         postfix.stop()
         postfix_sink.stop()
-        sekisho_sink.stop()
     return runs
 
 
@@ -788,25 +814,32 @@ def uvloop_note() -> str:
     return "uvloop"
 
 
-def print_summary(runs: dict[str, list[Run]]) -> dict[str, float]:
+def print_summary(runs: dict[str, list[Run]]) -> dict[str, dict[str, float]]:
+    """The medians, and each Sekisho configuration's ratios to Postfix."""
+
     def median(name: str, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in runs[name]))
 
-    print(
-        f"\nmedian of {len(runs['postfix'])} rounds"
-        f"{'postfix':>22}{'sekisho':>12}{'sekisho/postfix':>18}"
-    )
-    ratios = {}
+    relays = [name for name in runs if name != "postfix"]
+    header = f"\nmedian of {len(runs['postfix'])} rounds{'postfix':>22}"
+    for name in relays:
+        header += f"{name:>12}{name + '/postfix':>20}"
+    print(header)
+    ratios: dict[str, dict[str, float]] = {name: {} for name in relays}
     for label, attr, unit in (
         ("accepted", "accepted_rate", "msg/s"),
         ("end-to-end", "end_to_end_rate", "msg/s"),
         ("accept p50", "p50_ms", "ms"),
         ("accept p99", "p99_ms", "ms"),
     ):
-        p, s = median("postfix", attr), median("sekisho", attr)
-        ratios[attr] = s / p
         fmt = ".0f" if unit == "msg/s" else ".2f"
-        print(f"  {label + ' (' + unit + ')':<30}{p:>12{fmt}}{s:>12{fmt}}{s / p:>17.2f}x")
+        p = median("postfix", attr)
+        row = f"  {label + ' (' + unit + ')':<30}{p:>12{fmt}}"
+        for name in relays:
+            s = median(name, attr)
+            ratios[name][attr] = s / p
+            row += f"{s:>12{fmt}}{s / p:>19.2f}x"
+        print(row)
     return ratios
 
 
@@ -1226,7 +1259,7 @@ STARTUPS: list[tuple[str, float]] = []
 
 def verdicts(
     args: argparse.Namespace,
-    ratios: dict[str, float],
+    ratios: dict[str, dict[str, float]],
     memory: dict[str, float],
     idle: dict[str, float],
     listing: dict[str, float],
@@ -1236,13 +1269,13 @@ def verdicts(
 
     print("\ntargets (issue 7)")
     lines = []
-    if ratios:
+    for name, ratio in ratios.items():
         lines += [
             (
-                ratios["end_to_end_rate"] >= 1.0,
-                f"end-to-end >= 1.0x Postfix: {ratios['end_to_end_rate']:.2f}x",
+                ratio["end_to_end_rate"] >= 1.0,
+                f"end-to-end >= 1.0x Postfix ({name}): {ratio['end_to_end_rate']:.2f}x",
             ),
-            (ratios["p99_ms"] <= 1.0, f"accept p99 <= Postfix's: {ratios['p99_ms']:.2f}x"),
+            (ratio["p99_ms"] <= 1.0, f"accept p99 <= Postfix's ({name}): {ratio['p99_ms']:.2f}x"),
         ]
     if memory:
         # The issue's figure is the peak while accepting; the same bar is applied to
@@ -1307,6 +1340,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="[delivery] workers and connections (default: the shipped 4)",
     )
+    parser.add_argument(
+        "--processes",
+        type=lambda text: sorted({int(n) for n in text.split(",")}),
+        default=[1, 2],
+        metavar="N[,N…]",
+        help="gateway processes in the relay rounds, each count a contestant of its own "
+        "(`serve --workers N` on the same SQLite file; default: 1,2)",
+    )
     parser.add_argument("--idle", type=int, default=1000, help="idle connections to hold open")
     parser.add_argument(
         "--million",
@@ -1359,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sekisho vs postfix ({os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC)")
     tmp = Path(tempfile.mkdtemp(prefix="sekisho-compare-"))
     status = 0
-    ratios: dict[str, float] = {}
+    ratios: dict[str, dict[str, float]] = {}
     memory: dict[str, float] = {}
     idle: dict[str, float] = {}
     listing: dict[str, float] = {}

@@ -9,7 +9,7 @@ smtp-source's run) and the end-to-end rate (until smtp-sink has counted every
 message). The gateway runs as a subprocess with a durable store (SQLite in a temp
 dir, WAL with synchronous=FULL; or a fresh database created on the given PostgreSQL
 server and dropped afterwards) on free loopback ports; `--processes N` runs it as
-`serve --workers N` (N gateway processes on the same ports; PostgreSQL only). The CPU
+`serve --workers N` (N gateway processes on the same ports and store). The CPU
 figure is the gateway's whole process tree. Everything it starts is stopped and every
 temp file removed, on success or failure.
 
@@ -138,7 +138,7 @@ class GatewayProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU of the gateway and its worker processes so far (Linux /proc)."""
         assert self.process is not None
-        stats = _proc_stats()
+        stats = proc_stats()
         if self.process.pid not in stats:
             return float("nan")
         return sum(
@@ -151,7 +151,7 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
-def _proc_stats() -> dict[int, tuple[int, float]]:
+def proc_stats() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, user + system CPU seconds) of every process we can read."""
     stats = {}
     for entry in Path("/proc").iterdir():
@@ -380,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "--processes",
         type=int,
         default=1,
-        help="gateway processes: `serve --workers N` (PostgreSQL only; "
-        "each has its own [delivery] workers)",
+        help="gateway processes: `serve --workers N` (each has its own [delivery] workers)",
     )
     parser.add_argument(
         "--reuse", action="store_true", help="smtp-source -d: several messages per session"
@@ -390,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=150.0, help="seconds allowed for the whole relay"
     )
     args = parser.parse_args(argv)
-    if args.processes > 1 and args.store_url == "sqlite":
-        parser.error("--processes > 1 needs --store-url postgresql://…")
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not Path(tool).exists():
             parser.error(f"{tool} not found: apt-get install postfix")

@@ -107,8 +107,8 @@ def run_async(coro: Awaitable[T]) -> T:
 
 def _serve_options(serve: argparse.ArgumentParser) -> None:
     serve.description = (
-        "Run SMTP intake, delivery and the HTTP API. With --workers N (PostgreSQL "
-        "stores only), a supervisor runs N such gateway processes on the same SMTP and "
+        "Run SMTP intake, delivery and the HTTP API. With --workers N, a supervisor "
+        "runs N such gateway processes on the same SMTP and "
         "HTTP ports (SO_REUSEPORT: the kernel spreads connections over them), each with "
         "its own audit chain '<instance>-wI'. SIGTERM/SIGINT drain and stop them all, "
         "SIGHUP reloads the rules in each, and a worker that dies is restarted."
@@ -119,7 +119,8 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="gateway processes to run, to use N cores (default: 1, one process and no "
-        "supervisor); N > 1 needs a PostgreSQL [store].url",
+        "supervisor); on SQLite their writes take turns on the database file, on "
+        "PostgreSQL they run side by side",
     )
     # How the supervisor starts one of its workers; not for people.
     for hidden in ("--worker", "--smtp-port", "--http-port", "--supervisor-fd"):
@@ -138,7 +139,7 @@ def _positive(text: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.app import StartupError, serve
-    from gateway.supervisor import refuse_sqlite, run_worker, supervise, worker_config
+    from gateway.supervisor import refuse_store, run_worker, supervise, worker_config
 
     config_path = Path(args.config)
     tag = f" w{args.worker}" if args.worker else ""
@@ -158,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
             )
         elif args.workers > 1:
             config = load_config(config_path)
-            refused = refuse_sqlite(config, args.workers)
+            refused = refuse_store(config, args.workers)
             if refused:
                 print(f"sekisho: cannot start: {refused}", file=sys.stderr)
                 return 1

@@ -39,7 +39,7 @@ class PurgeReport:
     keys: int
 
 
-def _finished_before(cutoff: datetime) -> Select[str]:
+def _finished_before(cutoff: datetime) -> Select[tuple[str]]:
     return select(Message.id).where(
         Message.state.in_(FINISHED),
         func.coalesce(Message.finished_at, Message.updated_at) < cutoff,

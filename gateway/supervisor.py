@@ -1,8 +1,10 @@
 """`sekisho serve --workers N`: N gateway processes on the same SMTP and HTTP ports.
 
-One gateway is one event loop, so it uses one core. With PostgreSQL the store is
-already shared safely between instances (leases, SKIP LOCKED, one audit chain per
-instance), so the parent here only has to start N full gateways on one machine:
+One gateway is one event loop, so it uses one core. The store is already shared
+safely between instances (leases; on PostgreSQL SKIP LOCKED, on SQLite one writer
+at a time across processes through the writer lock file, see quarantine.db; one
+audit chain per instance), so the parent here only has to start N full gateways on
+one machine:
 
 - it checks the config and the schema once, then reserves the SMTP and admin ports:
   a socket bound with SO_REUSEPORT and never listened on. It takes no connections,
@@ -41,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.engine import make_url
+
 from gateway.app import Gateway, StartupError, audit_instance, check_schema, run_gateway
 from gateway.config import Config, Endpoint
 from quarantine.db import Store
@@ -56,14 +60,17 @@ READY = b"ready\n"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
-def refuse_sqlite(config: Config, workers: int) -> str | None:
-    """Why N > 1 workers cannot run on this store, in one line; None when they can."""
+def refuse_store(config: Config, workers: int) -> str | None:
+    """Why N > 1 workers cannot share this store, in one line; None when they can."""
     if workers <= 1 or not config.store.url.startswith("sqlite"):
         return None
+    database = make_url(config.store.url).database
+    if database and database != ":memory:":
+        return None
     return (
-        f"--workers {workers} needs a PostgreSQL store ([store].url is SQLite): SQLite has "
-        f"one writer, so {workers} processes would only queue on its file lock; "
-        "use --workers 1, or postgresql://… for several workers"
+        f"--workers {workers} needs a store the processes can share, and an in-memory "
+        "SQLite database lives inside one process: set [store].url to a file "
+        "(sqlite:///var/sekisho.db) or a postgresql:// URL"
     )
 
 

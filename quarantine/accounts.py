@@ -24,7 +24,8 @@ class AccountError(Exception):
 
 
 async def get_user(session: AsyncSession, name: str) -> User | None:
-    return await session.scalar(select(User).where(User.name == name))
+    user: User | None = await session.scalar(select(User).where(User.name == name))
+    return user
 
 
 async def all_users(session: AsyncSession) -> Sequence[User]:

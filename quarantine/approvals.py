@@ -255,7 +255,8 @@ async def lock_message(session: AsyncSession, message_id: str) -> Message | None
     """The message row, locked until the transaction ends (`FOR UPDATE` on PostgreSQL;
     on SQLite the store's write lock already serialises writers). Read fresh, so a
     decision committed by another instance while we waited is seen."""
-    return await session.scalar(_LOCK_MESSAGE, {"id": message_id})
+    message: Message | None = await session.scalar(_LOCK_MESSAGE, {"id": message_id})
+    return message
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -53,7 +55,9 @@ class Store:
     """The engine, its sessions, and the write discipline each database needs.
 
     SQLite has one writer at a time: write transactions queue on a process-local
-    lock instead of failing with `database is locked`. PostgreSQL needs no lock.
+    lock, then on the writer lock file every process shares (`serve --workers`, a
+    CLI command beside a running gateway), instead of failing with `database is
+    locked` or losing an update. PostgreSQL needs no lock.
 
     Two kinds of write transaction. A durable one (the default) is on disk when it
     returns: accepting a message, a decision over HTTP, a ZIP password. A
@@ -79,7 +83,11 @@ class Store:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._bookkeeping = self.sessions
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._writer_file: WriterFileLock | None = None
         if self.is_sqlite:
+            database = make_url(self.url).database
+            if database and database != ":memory:":
+                self._writer_file = WriterFileLock(f"{database}-writer.lock")
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas("FULL"))
             # synchronous is a property of the connection, so bookkeeping gets its
             # own small pool; the write lock above still serialises both.
@@ -105,6 +113,9 @@ class Store:
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
+                if self._writer_file is not None:
+                    await self._take_writer_file()
+                    stack.callback(self._writer_file.release)
             session = await stack.enter_async_context(sessions())
             await stack.enter_async_context(session.begin())
             if not durable and not self.is_sqlite:
@@ -138,8 +149,32 @@ class Store:
                 raise
 
     def _run_here(self, work: Callable[[Session], T], durable: bool) -> T:
+        if self._writer_file is None:
+            return self._work_here(work, durable)
+        self._writer_file.acquire()
+        try:
+            return self._work_here(work, durable)
+        finally:
+            self._writer_file.release()
+
+    def _work_here(self, work: Callable[[Session], T], durable: bool) -> T:
         with self._sync_sessions[durable].begin() as session:
             return work(session)
+
+    async def _take_writer_file(self) -> None:
+        """Wait, on the store's thread, until no other process is writing."""
+        assert self._writer_file is not None
+        loop = asyncio.get_running_loop()
+        taken = loop.run_in_executor(self._thread, self._writer_file.acquire)
+        try:
+            await asyncio.shield(taken)
+        except asyncio.CancelledError:
+            # The thread still takes the lock: give it back, or every other process
+            # would wait for this one forever.
+            await asyncio.wait({taken})
+            if not taken.cancelled() and taken.exception() is None:
+                self._writer_file.release()
+            raise
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -154,6 +189,34 @@ class Store:
             for engine in self._sync_engines:  # closed by the thread that opened them
                 await loop.run_in_executor(self._thread, engine.dispose)
             self._thread.shutdown(wait=True)
+            if self._writer_file is not None:
+                self._writer_file.close()
+
+
+class WriterFileLock:
+    """SQLite's one writer, across processes: an flock on `<database>-writer.lock`.
+
+    SQLite itself lets a second writer fail with `database is locked` or, in WAL
+    mode, retry in sleeps of up to 100 ms; and a transaction that read before it
+    writes can fail outright when another process committed in between. Holding
+    this lock around every write transaction (after the process's own asyncio lock)
+    makes writers of several processes (`serve --workers`, the CLI beside a running
+    gateway) queue in the kernel instead, and start their transaction only once the
+    last writer has committed. The lock goes with the process if it dies.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def acquire(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 # PostgreSQL: this transaction's commit returns before its WAL record is flushed.

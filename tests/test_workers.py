@@ -210,9 +210,10 @@ def test_serve_help_documents_workers(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--workers N" in out and "SO_REUSEPORT" in out and "PostgreSQL" in out
 
 
-def test_two_workers_on_sqlite_are_refused_before_anything_starts(tmp_path: Path) -> None:
-    database = tmp_path / "sekisho.db"
-    config = write_config(tmp_path, f"sqlite:///{database}", f"maildir:{tmp_path / 'out'}")
+def test_two_workers_on_an_in_memory_sqlite_store_are_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "sqlite:///:memory:", f"maildir:{tmp_path / 'out'}")
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2"],
         capture_output=True, text=True, timeout=60, check=False,
@@ -221,18 +222,26 @@ def test_two_workers_on_sqlite_are_refused_before_anything_starts(tmp_path: Path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "cannot start" in lines[0] and "--workers 2" in lines[0]
-    assert "SQLite has one writer" in lines[0] and "file lock" in lines[0]
-    assert not database.exists() and not (tmp_path / "audit.log").exists()
+    assert "in-memory SQLite" in lines[0] and "sqlite:///" in lines[0]
+    assert not (tmp_path / "audit.log").exists()
 
 
-@pytest.mark.postgres
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Both stores several processes can share: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sekisho.db'}"
+    else:
+        yield request.getfixturevalue("pg_store_url")
+
+
 @pytest.mark.timeout(180)
 def test_two_workers_share_one_port_deliver_each_message_once_and_stop_cleanly(
-    tmp_path: Path, pg_store_url: str
+    tmp_path: Path, shared_store_url: str
 ) -> None:
     messages = 60
     with running_upstream() as upstream:
-        config = write_config(tmp_path, pg_store_url, f"smtp://127.0.0.1:{upstream.port}")
+        config = write_config(tmp_path, shared_store_url, f"smtp://127.0.0.1:{upstream.port}")
         with supervised(config, tmp_path) as gateway:
             ids = [send(gateway.smtp_port, seq) for seq in range(messages)]
             delivered = wait_until(lambda: len(upstream.snapshot()) >= messages, 60)
