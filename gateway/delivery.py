@@ -100,6 +100,8 @@ class Delivery:
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
+        # Recipient ids of the sends in progress, whose leases the keeper renews.
+        self._sending: dict[int, None] = {}
         self._slots = asyncio.Semaphore(config.workers)
         self._hold_for = hold_for
         self._between_rounds = asyncio.Event()
@@ -114,6 +116,15 @@ class Delivery:
     async def run(self) -> None:
         """Claim and send until stopped. A failing round is logged and retried: the
         loop never dies, and nothing claimed is dropped (its lease simply expires)."""
+        keeper = asyncio.create_task(self._keep_leases(), name="lease-keeper")
+        try:
+            await self._claim_and_send()
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _claim_and_send(self) -> None:
         while not self._stopping:
             self._between_rounds.clear()
             try:
@@ -155,6 +166,7 @@ class Delivery:
             durable=False,
         )
         for claim in claims:
+            self._sending.update(dict.fromkeys(r.id for r in claim.recipients))
             task = asyncio.create_task(self._deliver_guarded(claim))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -212,6 +224,31 @@ class Delivery:
             except Exception:
                 # The lease will expire and the recipients be retried: parked, not lost.
                 log.exception("delivery of %s failed unexpectedly", claim.message_id)
+            finally:
+                for recipient in claim.recipients:
+                    self._sending.pop(recipient.id, None)
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of sends still in progress every third of a lease.
+
+        A send may take longer than the lease (a 50 MB message to a slow smarthost):
+        unrenewed, another worker would claim those recipients and send them again.
+        Only leases still ours are pushed back, and only those of sends this process
+        is running: the lease of a claim that failed unexpectedly runs out as it
+        should, so the recipients are retried.
+        """
+        period = self._config.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            if not self._sending:
+                continue
+            try:
+                async with self._store.transaction(durable=False) as session:
+                    await repo.extend_leases(
+                        session, self.owner, list(self._sending), self._clock() + self._config.lease
+                    )
+            except Exception:
+                log.exception("renewing the leases of %d sends failed", len(self._sending))
 
     async def deliver(self, claim: Claim) -> None:
         raw = claim.raw

@@ -395,6 +395,18 @@ def finish_messages(
     return [(mid, MessageState(state)) for mid, state in result.all()]
 
 
+async def extend_leases(
+    session: AsyncSession, owner: str, ids: Sequence[int], until: datetime
+) -> int:
+    """Push back the expiry of those of these leases this worker still holds."""
+    result = await session.execute(
+        update(Recipient)
+        .where(Recipient.id.in_(ids), Recipient.lease_owner == owner)
+        .values(lease_expires_at=until)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
 async def return_leases(session: AsyncSession, owner: str) -> int:
     """Give back everything this worker holds, so another instance need not wait."""
     result = await session.execute(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import email
+import functools
+from datetime import UTC, datetime, timedelta
 from email import policy
 from pathlib import Path
 
 import aiosmtplib
 from sqlalchemy import select
 
+from quarantine import repository as repo
 from quarantine.models import Recipient
 from tests.conftest import Upstream, gateway_config, running
 
@@ -185,3 +188,43 @@ async def test_slow_upstream_does_not_make_queued_claims_expire_and_send_twice(
     subjects = sorted(r.data.split(b"\r\n", 1)[0] for r in upstream.received)
     assert len(subjects) == 12, subjects  # each exactly once
     assert len(set(subjects)) == 12
+
+
+async def test_a_send_that_outlasts_its_lease_keeps_it_and_goes_out_once(
+    tmp_path: Path, store_url: str, upstream: Upstream
+) -> None:
+    # The upstream takes 3 s to answer DATA and the lease is 1 s: renewed every third
+    # of a lease, it never runs out, so neither this gateway's next rounds nor
+    # another instance claim the recipient again while the send is still going.
+    upstream.delay = 3.0
+    config = gateway_config(
+        tmp_path, store_url, upstream.port, delivery={"lease": "1s", "timeout": "20s"}
+    )
+    async with running(config) as gw:
+        await aiosmtplib.send(
+            MESSAGE,
+            sender="alice@example.com",
+            recipients=["x@client.example"],
+            hostname="127.0.0.1",
+            port=gw.smtp_port,
+            start_tls=False,
+        )
+        await asyncio.sleep(2.0)  # twice the lease, and the send is still going
+        now = datetime.now(UTC)
+        stolen = await gw.store.run(
+            functools.partial(
+                repo.claim_due,
+                owner="another-instance",
+                now=now,
+                lease=timedelta(seconds=1),
+                limit=10,
+            ),
+            durable=False,
+        )
+        received = await upstream.wait_for(1, timeout=15)
+        await asyncio.sleep(1.5)  # a second send would arrive in this time
+        async with gw.store.read() as session:
+            row = (await session.scalars(select(Recipient))).one()
+    assert stolen == [], "the lease of a send in progress ran out"
+    assert len(upstream.received) == 1 and received[0].data == MESSAGE
+    assert row.state == "delivered" and row.lease_owner is None
