@@ -18,11 +18,13 @@ import os
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+import structlog
 
 if sys.platform != "win32":
     import fcntl
@@ -55,6 +57,8 @@ _SCALARS: dict[type, Callable[[Any], str]] = {
     bool: lambda value: "true" if value else "false",
     type(None): lambda _: "null",
 }
+# The keys every line starts with, in this order.
+_HEAD = ("ts", "event", "id", "actor")
 # The log's own keys, which a caller may not pass.
 _RESERVED = frozenset({"ts", "prev", "hash"})
 _CHECKED_KEYS = FORBIDDEN_KEYS | _RESERVED
@@ -92,7 +96,7 @@ Observer = Callable[[dict[str, Any]], None]
 class AuditLog:
     """Appends chained lines; `instance` names this writer's chain.
 
-    Several gateways on one PostgreSQL each keep their own chain: every line carries
+    Several gateways on one store each keep their own chain: every line carries
     `instance`, `prev` links to the previous line of the same instance, and `verify`
     follows each chain separately. They may share one file (each line is one
     O_APPEND write) or use one file each with `{instance}` in `[audit].path`.
@@ -123,6 +127,11 @@ class AuditLog:
             except BaseException:
                 os.close(self._fd)
                 raise
+        # structlog is the front of the log; its one processor renders the chained
+        # line and the "logger" appends it (under self._lock, see emit).
+        self._logger = structlog.wrap_logger(
+            _Appender(self._write), processors=[self._chain], cache_logger_on_first_use=True
+        )
 
     def subscribe(self, observer: Observer) -> None:
         """Call `observer` with every event written (metrics count steps this way)."""
@@ -140,7 +149,8 @@ class AuditLog:
         if not _CHECKED_KEYS.isdisjoint(details):
             _check_keys(entry, details)
         try:
-            self._append(*_members(entry))
+            with self._lock:  # from taking prev to writing the line that carries it
+                self._logger.info(**entry)
         except (OSError, ValueError) as error:
             # Never let a failed audit write change what already happened: a message
             # committed and then answered 451 would be sent again by the client. The
@@ -153,17 +163,22 @@ class AuditLog:
             except Exception:
                 log.exception("audit observer failed for %s", event)
 
-    def _append(self, hashed: dict[str, str], shown: list[str]) -> None:
-        with self._lock:  # from taking prev to writing the line that carries it
-            prev = hashed["prev"] = f'"prev":"{self._prev}"'
-            text = "{" + ",".join([hashed[key] for key in sorted(hashed)]) + "}"
-            digest = self._prev = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            line = "{" + ",".join(shown) + f',{prev},"hash":"{digest}"}}\n'
-            if self._stream is not None:
-                self._stream.write(line)
-                self._stream.flush()
-            else:
-                _write_all(self._fd, line.encode("utf-8"))
+    def _chain(self, _logger: Any, _name: str, entry: MutableMapping[str, Any]) -> str:
+        """The line: `entry` in its order, then prev, then the hash of the canonical
+        form, whose keys are sorted; the next line's prev is that hash."""
+        # structlog puts `event` last; the line starts ts, event, id, actor.
+        hashed, shown = _members({key: entry.pop(key) for key in _HEAD} | dict(entry))
+        prev = hashed["prev"] = f'"prev":"{self._prev}"'
+        text = "{" + ",".join([hashed[key] for key in sorted(hashed)]) + "}"
+        digest = self._prev = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return "{" + ",".join(shown) + f',{prev},"hash":"{digest}"}}\n'
+
+    def _write(self, line: str) -> None:
+        if self._stream is not None:
+            self._stream.write(line)
+            self._stream.flush()
+        else:
+            _write_all(self._fd, line.encode("utf-8"))
 
     def close(self) -> None:
         with self._lock:
@@ -177,6 +192,13 @@ class AuditLog:
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _Appender:
+    """The logger structlog hands each rendered line to."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.msg = self.info = write
 
 
 def _check_keys(entry: dict[str, Any], details: dict[str, Any]) -> None:
