@@ -18,6 +18,7 @@ from typing import Protocol
 import aiosmtplib
 from aiosmtplib import SMTPRecipientsRefused, SMTPResponseException
 
+from gateway import smtp_out
 from gateway.config import DeliveryConfig, StartTls
 from gateway.errors import PermanentFailure, TemporaryFailure
 
@@ -37,10 +38,16 @@ def _failure(code: int, text: str) -> TemporaryFailure | PermanentFailure:
 
 
 class SmtpTransport:
-    """aiosmtplib clients kept open and reused; one transaction per client at a time."""
+    """aiosmtplib clients kept open and reused; one transaction per client at a time.
 
-    def __init__(self, config: DeliveryConfig) -> None:
+    A transaction is pipelined when the server offers PIPELINING (RFC 2920; see
+    gateway/smtp_out.py), unless `pipelining` is False (Postfix's
+    `smtp_discard_ehlo_keywords = pipelining`, for a server that offers it but breaks
+    under it); otherwise it is aiosmtplib's `sendmail`, one round trip per command."""
+
+    def __init__(self, config: DeliveryConfig, *, pipelining: bool = True) -> None:
         self._config = config
+        self._pipelining = pipelining
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(config.connections)
 
@@ -111,9 +118,14 @@ class SmtpTransport:
         if not all(a.isascii() for a in (mail_from, *rcpts)):
             options.append("SMTPUTF8")
         try:
-            refused, reply = await client.sendmail(
-                mail_from, list(rcpts), data, mail_options=options
-            )
+            if self._pipelining and client.supports_extension("pipelining"):
+                refused, reply = await smtp_out.sendmail(
+                    client, mail_from, rcpts, data, mail_options=options
+                )
+            else:
+                refused, reply = await client.sendmail(
+                    mail_from, list(rcpts), data, mail_options=options
+                )
         except SMTPRecipientsRefused as error:
             return {e.recipient: (e.code, e.message) for e in error.recipients}
         except SMTPResponseException as error:
