@@ -7,6 +7,7 @@ with masked values; never a full value.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ def _flag(expected: bool, evidence: Iterable[str]) -> Outcome:
 
 
 def _globs(value: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(fold(value), fold(g)) for g in globs)
+    folded = fold(value)
+    return any(fnmatchcase(folded, g) for g in _folded(globs))
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(globs: tuple[str, ...]) -> tuple[str, ...]:
+    """A rule's globs in matching form, folded once rather than per message."""
+    return tuple(fold(g) for g in globs)
 
 
 def sender(when: When, ctx: Context) -> Outcome:

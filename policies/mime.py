@@ -17,9 +17,14 @@ from email import policy as email_policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 
+from policies.header_cache import EmailPolicy, InspectionPolicy
+
 # policy.SMTP emits CRLF; refold_source="none" keeps parsed headers byte-identical
 # (a re-folded ISO-2022-JP Subject or DKIM-Signature would come back changed).
 SMTP_POLICY = email_policy.SMTP.clone(refold_source="none")
+
+# Only for parsing what is inspected: messages that are changed and sent keep SMTP_POLICY.
+INSPECTION_POLICY = InspectionPolicy(linesep="\r\n", refold_source="none")
 
 MAX_DEPTH = 20
 MAX_PARTS = 2000
@@ -27,9 +32,9 @@ MAX_PARTS = 2000
 _PARAM = re.compile(rb'(?:file)?name\*?=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
 
 
-def parse(raw: bytes) -> EmailMessage:
+def parse(raw: bytes, policy: EmailPolicy = SMTP_POLICY) -> EmailMessage:
     """Parse raw message bytes with the policy that round-trips them unchanged."""
-    message = BytesParser(policy=SMTP_POLICY).parsebytes(raw)
+    message = BytesParser(policy=policy).parsebytes(raw)
     assert isinstance(message, EmailMessage)
     return message
 

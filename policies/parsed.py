@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 
-from policies.mime import decoded_payload, parse
+from policies.mime import INSPECTION_POLICY, decoded_payload, parse
 from policies.transforms import _ranges
 
 # Below this, the whole parse costs less than a few MB: not worth the scan.
@@ -79,7 +79,7 @@ def parse_message(raw: bytes) -> Parsed:
             lean = None
         if lean is not None:
             return lean
-    return Parsed(parse(raw))
+    return Parsed(parse(raw, INSPECTION_POLICY))
 
 
 def _lean(raw: bytes) -> Parsed | None:
@@ -87,7 +87,7 @@ def _lean(raw: bytes) -> Parsed | None:
     skeleton = _ranges.skeleton(raw, root)
     if not skeleton.cuts:
         return None
-    message = parse(skeleton.data)
+    message = parse(skeleton.data, INSPECTION_POLICY)
     nodes = _ranges.match(root, message, skeleton)  # raises Unsupported where they differ
     shortened: dict[int, _Body] = {}
     for part_id, node in nodes.items():

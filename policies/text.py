@@ -12,7 +12,8 @@ import re
 import unicodedata
 
 # Dashes Japanese text uses between digit groups; NFKC leaves these alone.
-_DASHES = re.compile("[‐‑‒–—―−ーｰ－]")
+DASHES = "‐‑‒–—―−ーｰ－"
+_DASHES = re.compile(f"[{DASHES}]")
 
 _HTML_DROP = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _HTML_BREAK = re.compile(r"<\s*(?:br|/p|/div|/tr|/li|/h\d|/td|/th)\b[^>]*>", re.IGNORECASE)
@@ -38,6 +39,8 @@ def _half_width(match: re.Match[str]) -> str:
 
 def normalize(text: str) -> str:
     """NFKC: what subject and body patterns are matched against."""
+    if unicodedata.is_normalized("NFKC", text):  # one pass in C, exact
+        return text
     if _SIMPLE.search(text) is None:
         return _FULL_WIDTH.sub(_half_width, text)
     return unicodedata.normalize("NFKC", text)

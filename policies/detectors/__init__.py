@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 from policies.detectors import credit_card, email_addresses, my_number, phone_jp
 from policies.detectors.base import Finding, PiiKind
-from policies.text import for_detectors
+from policies.text import DASHES, for_detectors
 
 __all__ = ["DETECTORS", "Finding", "PiiKind", "detect"]
 
@@ -24,8 +24,13 @@ DETECTORS: dict[PiiKind, Callable[[str], Iterator[Finding]]] = {
 # in C) and handing the detectors only those runs, keeps prose cheap to inspect. Two
 # characters of context on each side keep the detectors' boundary checks exact.
 # The look-behind (after the first character, to keep the fast scan) keeps a run from
-# being tried again at each of its digits.
-_NUMBER_RUN = re.compile(r"[\d+(](?<!\d[\d+(])[\d ()+-]{8,}\d")
+# being tried again at each of its digits. The dashes `for_detectors` turns into "-"
+# are separators too, so that only the runs, not the whole text, need turning.
+_NUMBER_RUN = re.compile(rf"[\d+(](?<!\d[\d+(])[\d ()+\-{DASHES}]{{8,}}\d")
+# In ASCII text, \d is [0-9] either way; compiled for ASCII, the scan is a table look-up
+# per character instead of a Unicode category check, and text without a digit (the
+# bulk of plain English mail) cannot hold a run at all.
+_ASCII_NUMBER_RUN = re.compile(r"[\d+(](?<!\d[\d+(])[\d ()+-]{8,}\d", re.ASCII)
 _NUMBER_DETECTORS = (credit_card.find, my_number.find, phone_jp.find)
 
 
@@ -33,8 +38,18 @@ def detect(normalized: str) -> tuple[Finding, ...]:
     """Every finding of every detector in NFKC-normalised text."""
     if not normalized:
         return ()
-    text = for_detectors(normalized)
-    runs = "\n".join(text[max(0, m.start() - 2) : m.end() + 2] for m in _NUMBER_RUN.finditer(text))
+    runs = for_detectors("\n".join(
+        normalized[max(0, m.start() - 2) : m.end() + 2] for m in _number_runs(normalized)
+    ))
     found = [f for find in _NUMBER_DETECTORS for f in find(runs)] if runs else []
-    found.extend(email_addresses.find(text))
+    if normalized.count("@") > email_addresses.LIST_THRESHOLD:  # else no list can be found
+        found.extend(email_addresses.find(for_detectors(normalized)))
     return tuple(found)
+
+
+def _number_runs(text: str) -> Iterator[re.Match[str]]:
+    if not text.isascii():
+        return _NUMBER_RUN.finditer(text)
+    if not any(digit in text for digit in "0123456789"):
+        return iter(())
+    return _ASCII_NUMBER_RUN.finditer(text)

@@ -6,16 +6,25 @@ Numbers; a found value is only ever reported masked.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.detectors import PiiKind, detect
+from policies.detectors import (
+    Finding,
+    PiiKind,
+    credit_card,
+    detect,
+    email_addresses,
+    my_number,
+    phone_jp,
+)
 from policies.detectors.credit_card import luhn_valid
 from policies.detectors.my_number import check_digit
-from policies.text import normalize
+from policies.text import for_detectors, normalize
 
 
 def kinds(text: str) -> list[PiiKind]:
@@ -173,3 +182,68 @@ _JAPANESE = st.text(
 @given(_JAPANESE)
 def test_fast_normalisation_equals_nfkc(text: str) -> None:
     assert normalize(text) == unicodedata.normalize("NFKC", text)
+
+
+def _detect_turning_the_whole_text(normalized: str) -> list[Finding]:
+    """`detect` as it was: dashes turned in the whole text, then the runs cut from it,
+    and the address list looked for whatever the number of "@"."""
+    if not normalized:
+        return []
+    text = for_detectors(normalized)
+    run = re.compile(r"[\d+(](?<!\d[\d+(])[\d ()+-]{8,}\d")
+    runs = "\n".join(text[max(0, m.start() - 2) : m.end() + 2] for m in run.finditer(text))
+    found = [f for find in (credit_card.find, my_number.find, phone_jp.find) for f in find(runs)]
+    distinct = dict.fromkeys(a.lower() for a in email_addresses._ADDRESS.findall(text))
+    if len(distinct) > email_addresses.LIST_THRESHOLD:
+        found += [Finding(PiiKind.EMAIL_ADDRESSES, email_addresses.mask(a)) for a in distinct]
+    return found
+
+
+_PII_TEXT = st.lists(
+    st.sampled_from([
+        "4111 1111 1111 1111", "4111‐1111‐1111‐1111", "5555ー5555ー5555ー4444",
+        "3782 822463 10005", "1234-5678-9018", "123456789018", "1234−5678−9018",
+        "090-1234-5678", "０９０ー１２３４ー５６７８",
+        "+81 90 1234 5678", "(03) 1234-5678", "03–1234–5678", "0120-123-456", "202401151230",
+        "ORD-2024-0115-0001", "a.b@x.example", "c‐d@y.example", "@", "@@", " ", "-", "ー", "－",
+        "(", ")", "+", "\n", "٣٣٣٣", "コーポレーション", "年", "a", "Z", "9", "0", ".",
+    ]) | st.text(alphabet="0123456789 -‐ー()+@.abcxyz年", max_size=12),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_PII_TEXT)
+def test_turning_only_the_runs_finds_what_turning_the_whole_text_found(text: str) -> None:
+    normalized = normalize(text)
+    assert list(detect(normalized)) == _detect_turning_the_whole_text(normalized)
+
+
+def test_an_address_list_is_found_with_just_enough_at_signs() -> None:
+    listed = " ".join(f"u{n}‐x@d{n}.example" for n in range(email_addresses.LIST_THRESHOLD + 1))
+    found = [f.masked for f in detect(normalize(listed))]
+    assert len(found) == email_addresses.LIST_THRESHOLD + 1
+    assert found[0] == "u***@d0.example"  # the dash variant was turned before matching
+    assert detect(normalize(listed.rsplit(" ", 1)[0])) == ()
+
+
+_ASCII_PII_TEXT = st.lists(
+    st.sampled_from([
+        "4111 1111 1111 1111", "1234-5678-9018", "090-1234-5678", "+81 90 1234 5678",
+        "(03) 1234-5678", "202401151230", "ORD-2024-0115-0001", "a.b@x.example", "@",
+    ]) | st.text(alphabet="0123456789 -()+@.abcXYZ\t\n", max_size=12),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ASCII_PII_TEXT)
+def test_ascii_text_is_scanned_as_unicode_text_would_be(text: str) -> None:
+    assert text.isascii()
+    assert list(detect(text)) == _detect_turning_the_whole_text(text)
+
+
+def test_ascii_text_without_digits_has_no_number_findings() -> None:
+    prose = "The quick brown fox jumps over the lazy dog, then files its weekly report.\n" * 60
+    assert detect(prose) == ()
+    assert [f.kind for f in detect(prose + "card 4111 1111 1111 1111")] == [PiiKind.CREDIT_CARD]
