@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Select, delete, func, select, update
 
@@ -39,7 +40,7 @@ class PurgeReport:
     keys: int
 
 
-def _finished_before(cutoff: datetime) -> Select[tuple[str]]:
+def _finished_before(cutoff: datetime) -> Select[Any]:
     return select(Message.id).where(
         Message.state.in_(FINISHED),
         func.coalesce(Message.finished_at, Message.updated_at) < cutoff,

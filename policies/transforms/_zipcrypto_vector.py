@@ -18,13 +18,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-try:
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised only where numpy is absent
-    np = None  # type: ignore[assignment]
+import numpy as np  # imported only where numpy is installed (zipcrypto.encrypt)
 
-AVAILABLE = np is not None
-MIN_SIZE = 4096  # below this the reference loop is as fast
 _MULT = 134775813
 _MASK = 0xFFFFFFFF
 

@@ -51,14 +51,9 @@ import pyzipper
 
 from policies.config import ZipMethod
 from policies.mime import SMTP_POLICY, WalkLimits, parse, walk_attachments
-from policies.transforms import _ranges
+from policies.transforms import _ranges, numpy_or_none
 from policies.transforms._ranges import Node, Unsupported
 from policies.transforms.zipcrypto import RandomBytes, ZipCryptoWriter
-
-try:
-    import numpy as np
-except ImportError:  # pragma: no cover - exercised only where numpy is absent
-    np = None  # type: ignore[assignment]
 
 DateTime = tuple[int, int, int, int, int, int]
 Mode = Literal["per_file", "bundle"]
@@ -329,6 +324,7 @@ def base64_lines(data: bytes | memoryview, nl: bytes = b"\r\n") -> list[Buffer]:
     encoded = binascii.b2a_base64(data, newline=False)
     whole = len(encoded) // 76
     lines: Buffer
+    np = numpy_or_none()
     if np is not None:
         rows = np.empty((whole, 76 + len(nl)), dtype=np.uint8)
         rows[:, :76] = np.frombuffer(encoded, dtype=np.uint8, count=whole * 76).reshape(whole, 76)

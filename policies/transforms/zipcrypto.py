@@ -30,9 +30,10 @@ import zlib
 from collections.abc import Callable
 from typing import BinaryIO
 
-from policies.transforms import _zipcrypto_vector
+from policies.transforms import numpy_or_none
 
 RandomBytes = Callable[[int], bytes]
+VECTOR_MIN_SIZE = 4096  # below this the reference loop is as fast as the numpy kernel
 
 _LIMIT = 0xFFFFFFFF  # without ZIP64 (APPNOTE 4.4.8/4.4.9), sizes and offsets are 32-bit
 _MAX_ENTRIES = 0xFFFF
@@ -100,7 +101,9 @@ def encrypt_py(data: bytes, keys: Keys) -> tuple[bytes, Keys]:
 
 def encrypt(data: bytes, keys: Keys) -> tuple[bytes, Keys]:
     """Encrypt with the vectorised kernel when numpy is present, else the reference loop."""
-    if _zipcrypto_vector.AVAILABLE and len(data) >= _zipcrypto_vector.MIN_SIZE:
+    if len(data) >= VECTOR_MIN_SIZE and numpy_or_none() is not None:
+        from policies.transforms import _zipcrypto_vector
+
         return _zipcrypto_vector.encrypt(data, keys, CRC_TABLE, KEYSTREAM)
     return encrypt_py(data, keys)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.transforms import _zipcrypto_vector, zipcrypto
+from policies.transforms import numpy_or_none, zipcrypto
 from policies.transforms.zipcrypto import ZipCryptoError, ZipCryptoWriter
 
 from .tools import extract_7z, extract_unzip, files_in, methods_7z, require, run
@@ -114,10 +116,12 @@ def test_dates_before_1980_are_refused() -> None:
         writer.add("a.txt", b"a", date_time=(1979, 12, 31, 0, 0, 0), compress=False)
 
 
-@pytest.mark.skipif(not _zipcrypto_vector.AVAILABLE, reason="numpy is not installed")
+@pytest.mark.skipif(numpy_or_none() is None, reason="numpy is not installed")
 @settings(max_examples=25, deadline=None)
 @given(data=st.binary(min_size=0, max_size=20_000), password=st.binary(min_size=1, max_size=20))
 def test_vector_kernel_matches_the_reference_loop(data: bytes, password: bytes) -> None:
+    from policies.transforms import _zipcrypto_vector
+
     keys = zipcrypto.initial_keys(password)
     padded = data * (1 + 5000 // (len(data) + 1))  # long enough for the kernel
     assert _zipcrypto_vector.encrypt(
@@ -132,3 +136,17 @@ def test_chunked_encryption_carries_the_keys_across_chunks() -> None:
     first, middle = zipcrypto.encrypt(data[:20_000], keys)
     second, end2 = zipcrypto.encrypt(data[20_000:], middle)
     assert (first + second, end2) == (whole, end)
+
+
+def test_numpy_is_imported_on_the_first_encryption_not_at_start_up() -> None:
+    """~60 ms of the gateway's start-up went to importing numpy for the fast kernels."""
+    if numpy_or_none() is None:
+        pytest.skip("numpy is not installed")
+    probe = (
+        "import sys, gateway.app, gateway.cli; assert 'numpy' not in sys.modules, 'at start';"
+        "from policies.transforms import zipcrypto;"
+        "zipcrypto.encrypt(bytes(8192), zipcrypto.initial_keys(b'pw'));"
+        "assert 'numpy' in sys.modules, 'not used by a large encryption'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
