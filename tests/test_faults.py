@@ -419,7 +419,11 @@ def test_sigterm_under_load_loses_nothing_and_sessions_finish_or_get_421(
             assert gateway.process is not None
             started = time.monotonic()
             gateway.process.send_signal(signal.SIGTERM)
+            # Count from when the gateway has begun to drain, not from the kill: until
+            # its loop runs the handler, sessions go on taking mail as before.
+            draining = wait_until(lambda: "shutting down" in gateway.tail(), 10, step=0.002)
             accepted_at_term = tally.accepted()
+            assert draining, gateway.tail()
             gateway.stop()  # waits for the exit (SIGKILL after 20 s)
             stop_seconds = time.monotonic() - started
             exit_code = gateway.process.returncode
