@@ -34,7 +34,8 @@ class GroupCommitter:
         self._pending: list[tuple[NewMessage, datetime, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._committing = False
+        # The batch being committed: its submitters are told, whatever happens.
+        self._inflight: Sequence[tuple[NewMessage, datetime, asyncio.Future[None]]] = ()
         self._closed = False
 
     async def commit(self, message: NewMessage, now: datetime) -> None:
@@ -55,11 +56,11 @@ class GroupCommitter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
-                self._committing = True
+                self._inflight = batch
                 try:
                     await self._commit(batch)
                 finally:
-                    self._committing = False
+                    self._inflight = ()
                 # Not kept alive until the next message: it may hold 50 MB of body.
                 del batch
 
@@ -91,12 +92,15 @@ class GroupCommitter:
         its client would not know whether the message was taken."""
         self._closed = True
         deadline = asyncio.get_running_loop().time() + grace
-        while (self._pending or self._committing) and asyncio.get_running_loop().time() < deadline:
+        while (self._pending or self._inflight) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
+        cut_off = self._inflight  # the task's own finally forgets it when cancelled
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for _, _, done in cut_off:  # cut off: each client hears 451, never nothing
+            _settle(done, Closed("the gateway stopped while the message was being stored"))
         for _, _, done in self._pending:  # the store never answered within the grace
             _settle(done, Closed("the gateway stopped before the message was stored"))
         self._pending.clear()

@@ -189,6 +189,8 @@ class Delivery:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
                 task.cancel()
+            if pending:  # their connections are aborted before the leases go back
+                await asyncio.wait(pending, timeout=grace)
         if self._recorder is not None:
             # Outcomes of finished sends are recorded before the leases go back;
             # otherwise they would be dropped and that mail sent again.

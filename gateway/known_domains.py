@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from policies.clients import domain_of
 from quarantine import repository as repo
 from quarantine.db import Store
-from quarantine.repository import domain_of
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from policies.clients import domain_of  # the one normal form: what the rules compare
 from quarantine.models import Body, KnownDomain, Message, Recipient
 from quarantine.states import (
     DUE_RECIPIENT_STATES,
@@ -50,10 +64,6 @@ class NewMessage:
     helo: str | None = None
     release_at: datetime | None = None
     kind: str = "message"
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> None:
@@ -435,6 +445,12 @@ async def hold_message(
     more leaves until someone approves it.
     """
     message = await session.get(Message, message_id, with_for_update=True)
+    if message is not None and message.state is MessageState.HELD and ours:
+        # Held already, by another claim of the message (one per domain) that failed
+        # first: this claim's recipients wait for the decision too, instead of staying
+        # due under a lease that only runs out.
+        await session.execute(_to_waiting(message_id, now, Recipient.id.in_(ours)))
+        return False
     if message is None or message.state is not MessageState.QUEUED:
         return False
     message.state = check_message(message.state, MessageState.HELD)
@@ -446,12 +462,18 @@ async def hold_message(
         Recipient.id.in_(ours),
         Recipient.lease_expires_at < now,
     )
-    await session.execute(
+    await session.execute(_to_waiting(message_id, now, not_in_flight))
+    return True
+
+
+def _to_waiting(message_id: str, now: datetime, which: ColumnElement[bool]) -> Update:
+    """Those of a message's due recipients that `which` picks, back to waiting."""
+    return (
         update(Recipient)
         .where(
             Recipient.message_id == message_id,
             Recipient.state.in_(DUE_RECIPIENT_STATES),
-            not_in_flight,
+            which,
         )
         .values(
             state=RecipientState.WAITING,
@@ -461,7 +483,6 @@ async def hold_message(
             updated_at=now,
         )
     )
-    return True
 
 
 async def due_delays(session: AsyncSession, now: datetime, limit: int = 100) -> list[str]:

@@ -382,3 +382,87 @@ async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuse
             assert (await session.scalars(select(Message.id))).all() == ["m1"]
     finally:
         await store.close()
+
+
+async def test_a_commit_still_running_when_the_grace_ends_answers_its_client(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off after the grace, the batch's submitters hear Closed (451), never nothing."""
+    from gateway.committer import Closed, GroupCommitter
+
+    store = Store(sqlite_url)
+    now = datetime.now(UTC)
+    started = threading.Event()
+    original = repo.add_messages
+
+    def slow_add(session: Any, batch: Any) -> None:
+        started.set()
+        time.sleep(1.0)  # longer than the grace below
+        original(session, batch)
+
+    try:
+        await upgrade(store)
+        monkeypatch.setattr(repo, "add_messages", slow_add)
+        committer = GroupCommitter(store)
+        first = asyncio.create_task(
+            committer.commit(
+                NewMessage(
+                    id="m1",
+                    mail_from="a@example.com",
+                    rcpt_tos=["b@x.example"],
+                    raw=MESSAGE,
+                    state=MessageState.QUEUED,
+                    verdict={},
+                ),
+                now,
+            )
+        )
+        await asyncio.to_thread(started.wait, 5)
+        await committer.close(grace=0.1)
+        with pytest.raises(Closed, match="while the message was being stored"):
+            await asyncio.wait_for(first, 5)
+    finally:
+        await store.close()
+
+
+async def test_a_second_claim_failing_on_a_held_message_puts_its_recipients_to_wait_too(
+    store_url: str,
+) -> None:
+    # Both domains' claims fail protection: the first holds the message, the second
+    # finds it held. Its recipient must wait for the decision like the others, not stay
+    # due under a lease that runs out (nothing would ever send or end it).
+    store = Store(store_url)
+    now = datetime.now(UTC)
+    new = NewMessage(
+        id="m1",
+        mail_from="alice@example.com",
+        rcpt_tos=["a@a.example", "b@b.example"],
+        raw=MESSAGE,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+    try:
+        await upgrade(store)
+        await store.run(lambda session: repo.add_messages(session, [(new, now)]))
+        claims = await store.run(
+            partial(repo.claim_due, owner="gw", now=now, lease=timedelta(minutes=1), limit=10),
+            durable=False,
+        )
+        held = []
+        for claim in claims:
+            async with store.transaction(durable=False) as session:
+                held.append(
+                    await repo.hold_message(
+                        session,
+                        "m1",
+                        "protection-failed",
+                        now,
+                        ours=[r.id for r in claim.recipients],
+                    )
+                )
+        async with store.read() as session:
+            rows = (await session.execute(select(Recipient.state, Recipient.lease_owner))).all()
+    finally:
+        await store.close()
+    assert held == [True, False]
+    assert [tuple(r) for r in rows] == [("waiting", None), ("waiting", None)]

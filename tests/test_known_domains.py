@@ -14,6 +14,8 @@ from sqlalchemy import insert, select
 from quarantine.db import Store
 from quarantine.migrate import upgrade
 from quarantine.models import Body, KnownDomain, Message, Recipient
+from quarantine.repository import NewMessage
+from quarantine.states import MessageState
 from tests.conftest import Upstream, gateway_config, running
 
 FIRST_TIME = [
@@ -113,3 +115,29 @@ async def test_migration_0007_backfills_the_domains_already_delivered_to(store_u
         assert known == ["old.example"]
     finally:
         await store.close()
+
+
+def test_known_domains_are_kept_in_the_form_the_rules_compare() -> None:
+    """A recipient written `x@Example.COM.` (trailing dot: the root) is example.com for
+    the rules; stored or watched in another form it would be a first-time domain on
+    every message."""
+    from gateway.known_domains import KnownDomains
+    from policies.clients import domain_of as rules_form
+    from quarantine import repository as repo
+
+    address = " x@Example.COM. "
+    rows = repo._recipient_rows(
+        NewMessage(
+            id="m1",
+            mail_from="a@example.com",
+            rcpt_tos=[address],
+            raw=MESSAGE,
+            state=MessageState.QUEUED,
+            verdict={},
+        ),
+        datetime.now(UTC),
+    )
+    known = KnownDomains(store=None)  # type: ignore[arg-type]
+    known.observe({"event": "delivery.sent", "rcpt": address})
+    assert rows[0]["domain"] == rules_form(address) == "example.com"
+    assert known.current() == {"example.com"}
