@@ -27,7 +27,7 @@ from gateway.metrics import Metrics
 from gateway.policy_source import PolicySource
 from gateway.protect import Protector
 from gateway.retention import retention_loop
-from gateway.smtp_in import Counters, Handler, smtp_factory, start_smtp
+from gateway.smtp_in import Counters, Handler, start_smtp
 from gateway.transports import Transport, make_transport
 from quarantine.db import Store
 from quarantine.migrate import SchemaStatus, schema_status, upgrade
@@ -138,7 +138,9 @@ class Gateway:
             known_domains=self.known_domains.current,
         )
         handler = Handler(self.config.smtp, intake, self.credentials, self.audit, self.counters)
-        self._smtp = await self._listen_smtp(handler)
+        self._smtp = await start_smtp(
+            self.config.smtp, handler, self.counters, reuse_port=self.reuse_port
+        )
         self.smtp_port = self._smtp.sockets[0].getsockname()[1]
         self._spawn(self.delivery.run(), "delivery")
         # SMTP is up: the approval workflow and the HTTP app load now, in a thread so
@@ -190,19 +192,6 @@ class Gateway:
     async def _on_held(self, message_id: str) -> None:
         if self.notices is not None:
             await self.notices.held(message_id)
-
-    async def _listen_smtp(self, handler: Handler) -> asyncio.Server:
-        if not self.reuse_port:
-            return await start_smtp(self.config.smtp, handler, self.counters)
-        listen = self.config.smtp.listen
-        return await asyncio.get_running_loop().create_server(
-            smtp_factory(self.config.smtp, handler, self.counters),
-            host=listen.host,
-            port=listen.port,
-            reuse_address=True,
-            reuse_port=True,
-            backlog=1024,
-        )
 
     async def _start_http(self) -> None:
         listen = self.config.admin.listen

@@ -43,11 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from sqlalchemy.engine import make_url
-
 from gateway.app import Gateway, StartupError, audit_instance, check_schema, run_gateway
 from gateway.config import Config, Endpoint
-from quarantine.db import Store
+from quarantine.db import Store, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +62,7 @@ def refuse_store(config: Config, workers: int) -> str | None:
     """Why N > 1 workers cannot share this store, in one line; None when they can."""
     if workers <= 1 or not config.store.url.startswith("sqlite"):
         return None
-    database = make_url(config.store.url).database
-    if database and database != ":memory:":
+    if sqlite_file(config.store.url) is not None:
         return None
     return (
         f"--workers {workers} needs a store the processes can share, and an in-memory "

@@ -73,9 +73,10 @@ class Store:
         self.url = async_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
-        if self.is_sqlite:
-            _ensure_parent(self.url)
-        else:
+        database = sqlite_file(self.url)
+        if database is not None:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if not self.is_sqlite:
             kwargs.update(
                 pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_timeout=10
             )
@@ -84,10 +85,9 @@ class Store:
         self._bookkeeping = self.sessions
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._writer_file: WriterFileLock | None = None
+        if database is not None:
+            self._writer_file = WriterFileLock(f"{database}-writer.lock")
         if self.is_sqlite:
-            database = make_url(self.url).database
-            if database and database != ":memory:":
-                self._writer_file = WriterFileLock(f"{database}-writer.lock")
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas("FULL"))
             # synchronous is a property of the connection, so bookkeeping gets its
             # own small pool; the write lock above still serialises both.
@@ -169,12 +169,16 @@ class Store:
         try:
             await asyncio.shield(taken)
         except asyncio.CancelledError:
-            # The thread still takes the lock: give it back, or every other process
-            # would wait for this one forever.
-            await asyncio.wait({taken})
-            if not taken.cancelled() and taken.exception() is None:
-                self._writer_file.release()
+            # The thread still takes the lock: give it back when it has, or every other
+            # process would wait for this one forever (a callback, so that a second
+            # cancellation cannot skip it).
+            taken.add_done_callback(self._give_back_writer_file)
+            await asyncio.wait({taken})  # given back (the callback runs first) on return
             raise
+
+    def _give_back_writer_file(self, taken: asyncio.Future[None]) -> None:
+        if self._writer_file is not None and not taken.cancelled() and taken.exception() is None:
+            self._writer_file.release()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -207,7 +211,10 @@ class WriterFileLock:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read-only is enough for flock, so a user who may only read the database can
+        # open it too, and a file first made by root (`sekisho users add`) stays
+        # usable by the gateway's own user.
+        self._fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def acquire(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -223,7 +230,10 @@ class WriterFileLock:
 _NOT_SYNCHRONOUS = text("SET LOCAL synchronous_commit TO OFF")
 
 
-def _ensure_parent(url: str) -> None:
-    database = make_url(url).database
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+def sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL; None for PostgreSQL or an in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    return database if database and database != ":memory:" else None
