@@ -179,3 +179,10 @@ async def test_the_gateway_hands_its_handler_the_data_as_read_in_one_buffer() ->
     assert seen == [body.replace(b"\n..", b"\n.")]
     # aiosmtpd's own DATA keeps a bytearray per line and joins them: over 3x the data.
     assert peak < 1.5 * len(body), peak
+
+
+def test_data_keeps_its_help_text() -> None:
+    """The DATA override keeps aiosmtpd's HELP line (without it, `HELP DATA` is a 501
+    that counts against the session's error budget, and HELP does not list DATA)."""
+    assert getattr(GatewaySMTP.smtp_DATA, "__smtp_syntax__", None) == "DATA"
+    assert GatewaySMTP.smtp_DATA.__smtp_syntax__ == SMTP.smtp_DATA.__smtp_syntax__  # type: ignore[attr-defined]
