@@ -41,15 +41,24 @@ class SmtpTransport:
     """aiosmtplib clients kept open and reused; one transaction per client at a time.
 
     A transaction is pipelined when the server offers PIPELINING (RFC 2920; see
-    gateway/smtp_out.py), unless `pipelining` is False (Postfix's
-    `smtp_discard_ehlo_keywords = pipelining`, for a server that offers it but breaks
-    under it); otherwise it is aiosmtplib's `sendmail`, one round trip per command."""
+    gateway/smtp_out.py), unless `pipelining` is False (`[delivery] pipelining`, as
+    Postfix's `smtp_discard_ehlo_keywords = pipelining`, for a server that offers it but
+    breaks under it); otherwise it is aiosmtplib's `sendmail`, one round trip per command.
 
-    def __init__(self, config: DeliveryConfig, *, pipelining: bool = True) -> None:
+    The most recently used idle connection is taken first, so under light load the
+    others stay unused, and one unused for `[delivery] idle_close` is closed with QUIT:
+    the pool grows to `connections` under load and shrinks back after it, as Postfix's
+    connection cache does (`smtp_connection_cache_time_limit`)."""
+
+    def __init__(self, config: DeliveryConfig, *, pipelining: bool | None = None) -> None:
         self._config = config
-        self._pipelining = pipelining
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._pipelining = config.pipelining if pipelining is None else pipelining
+        self._idle_close = config.idle_close.total_seconds()
+        # (when it was given back, client): the oldest first, the next one taken last.
+        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []
         self._slots = asyncio.Semaphore(config.connections)
+        self._reaper: asyncio.TimerHandle | None = None
+        self._quitting: set[asyncio.Task[None]] = set()
 
     async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> Results:
         async with self._slots:
@@ -59,15 +68,41 @@ class SmtpTransport:
             except BaseException:
                 client.close()
                 raise
-            self._idle.append(client)
+            self._give_back(client)
             return results
+
+    @property
+    def open_connections(self) -> int:
+        """Idle connections kept for the next transaction."""
+        return len(self._idle)
 
     async def _checkout(self) -> aiosmtplib.SMTP:
         while self._idle:
-            client = self._idle.pop()
+            _, client = self._idle.pop()
             if client.is_connected:
                 return client
         return await self._connect()
+
+    def _give_back(self, client: aiosmtplib.SMTP) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle.append((loop.time(), client))
+        if self._reaper is None:
+            self._reaper = loop.call_later(self._idle_close, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections unused for `idle_close`; look again when the next one
+        would be."""
+        self._reaper = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self._idle_close
+        stale = [client for since, client in self._idle if since <= cutoff]
+        self._idle = [(since, client) for since, client in self._idle if since > cutoff]
+        for client in stale:
+            task = loop.create_task(_quit(client))
+            self._quitting.add(task)
+            task.add_done_callback(self._quitting.discard)
+        if self._idle:
+            self._reaper = loop.call_later(self._idle[0][0] - cutoff, self._reap)
 
     async def _connect(self) -> aiosmtplib.SMTP:
         config = self._config
@@ -140,11 +175,18 @@ class SmtpTransport:
         return results
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         idle, self._idle = self._idle, []
-        for client in idle:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.quit(), 2)
-            client.close()
+        await asyncio.gather(*(_quit(client) for _, client in idle), *self._quitting)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """QUIT, as a courteous client ends a session (RFC 5321 §4.1.1.10), then close."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.quit(), 2)
+    client.close()
 
 
 def _describe(error: BaseException) -> str:

@@ -170,9 +170,11 @@ async def aiosmtpd_upstream() -> AsyncIterator[PipeliningUpstream]:
     server.close()
 
 
-def transport_to(port: int, *, pipelining: bool = True, timeout: str = "5s") -> SmtpTransport:
+def transport_to(
+    port: int, *, pipelining: bool | None = None, timeout: str = "5s", **settings: object
+) -> SmtpTransport:
     config = DeliveryConfig.model_validate(
-        {"upstream": f"smtp://127.0.0.1:{port}", "starttls": "off", "timeout": timeout}
+        {"upstream": f"smtp://127.0.0.1:{port}", "starttls": "off", "timeout": timeout, **settings}
     )
     return SmtpTransport(config, pipelining=pipelining)
 
@@ -561,3 +563,67 @@ async def test_a_reply_nobody_asked_for_retires_the_connection(scripted: Scripte
         await transport.close()
     assert first == second == {"b@client.example": (250, "2.0.0 Ok: queued")}
     assert scripted.connections == 2
+
+
+# --- the connection pool ---------------------------------------------------------------
+
+
+async def test_pipelining_off_in_the_config_sends_one_command_per_read(scripted: Scripted) -> None:
+    config = DeliveryConfig.model_validate(
+        {"upstream": f"smtp://127.0.0.1:{scripted.port}", "starttls": "off", "pipelining": False}
+    )
+    transport = SmtpTransport(config)
+    try:
+        results = await transport.send(
+            "alice@example.com", ["b@client.example", "c@x.example"], MESSAGE
+        )
+    finally:
+        await transport.close()
+    assert scripted.pipelining  # offered, and not used
+    assert set(results.values()) == {(250, "2.0.0 Ok: queued")}
+    assert [r.count(b"\r\n") for r in scripted.envelope_reads()] == [1, 1, 1]
+
+
+def test_idle_close_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="idle_close must be longer than 0s"):
+        DeliveryConfig.model_validate({"upstream": "smtp://127.0.0.1:25", "idle_close": "0s"})
+
+
+def quits(server: Scripted) -> int:
+    return sum(1 for c in server.commands if c.upper().startswith(b"QUIT"))
+
+
+async def test_the_pool_grows_under_load_and_closes_idle_connections_with_quit(
+    scripted: Scripted,
+) -> None:
+    transport = transport_to(scripted.port, connections=3, idle_close="0.3s")
+    try:
+        sends = [transport.send("a@example.com", [f"r{n}@x.example"], MESSAGE) for n in range(3)]
+        await asyncio.gather(*sends)
+        assert (scripted.connections, transport.open_connections, quits(scripted)) == (3, 3, 0)
+        await asyncio.sleep(0.7)
+        assert (transport.open_connections, quits(scripted)) == (0, 3)
+        # The pool is empty, not broken: the next message opens a connection.
+        results = await transport.send("a@example.com", ["r@x.example"], MESSAGE)
+        assert results == {"r@x.example": (250, "2.0.0 Ok: queued")}
+        assert scripted.connections == 4
+    finally:
+        await transport.close()
+    assert quits(scripted) == 4  # close() says QUIT on the last one too
+
+
+async def test_under_light_load_the_newest_connection_is_reused_and_the_rest_age_out(
+    scripted: Scripted,
+) -> None:
+    transport = transport_to(scripted.port, connections=3, idle_close="0.4s")
+    try:
+        await asyncio.gather(
+            *(transport.send("a@example.com", [f"r{n}@x.example"], MESSAGE) for n in range(3))
+        )
+        for n in range(8):  # one message every 0.1 s: one connection is enough
+            await transport.send("a@example.com", [f"s{n}@x.example"], MESSAGE)
+            await asyncio.sleep(0.1)
+        assert scripted.connections == 3  # none opened anew
+        assert (transport.open_connections, quits(scripted)) == (1, 2)
+    finally:
+        await transport.close()
