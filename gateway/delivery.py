@@ -127,22 +127,27 @@ class Delivery:
     async def _claim_and_send(self) -> None:
         while not self._stopping:
             self._between_rounds.clear()
+            # Cleared before the round looks, not after: a message queued while the
+            # round's claim runs sets it again and is claimed at once, not a poll later.
+            self._wake.clear()
             try:
-                claimed = await self.run_once()
+                more = await self.run_once()
             except Exception:
                 log.exception("delivery round failed; retrying")
-                claimed = 0
+                more = False
             finally:
                 self._between_rounds.set()
-            if claimed == 0 and not self._stopping:
-                self._wake.clear()
+            if not more and not self._stopping:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(
                         self._wake.wait(), self._config.poll_interval.total_seconds()
                     )
 
-    async def run_once(self) -> int:
-        """Claim what is due (up to the free worker slots), start sending it."""
+    async def run_once(self) -> bool:
+        """Claim what is due (up to the free worker slots), start sending it; say
+        whether to look again at once. Not when the claim took less than it could:
+        everything due was taken, and a claim that finds nothing still costs a turn
+        of the store's writer, which intake is waiting for."""
         now = self._clock()
         if now >= self._next_delay_check:
             # Scheduled from the time the check looks at, not from when it finished:
@@ -152,15 +157,16 @@ class Delivery:
         free = self._config.workers - len(self._inflight)
         if free <= 0:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
-            return 1
+            return True
         now = self._clock()
+        limit = free * 10
         claims = await self._store.run(
             functools.partial(
                 repo.claim_due,
                 owner=self.owner,
                 now=now,
                 lease=self._config.lease,
-                limit=free * 10,
+                limit=limit,
                 max_groups=free,
             ),
             durable=False,
@@ -170,7 +176,9 @@ class Delivery:
             task = asyncio.create_task(self._deliver_guarded(claim))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-        return len(claims)
+        # Full: as many transactions as there were free workers, or as many recipients
+        # as the claim reads at most; more may be due.
+        return len(claims) >= free or sum(len(c.recipients) for c in claims) >= limit
 
     async def drain(self) -> None:
         """Wait for every transaction in flight to finish and be recorded."""
