@@ -232,7 +232,7 @@ def store(url: str, tmp: Path) -> Iterator[str]:
 
 
 def write_config(
-    tmp: Path, store_url: str, sink_port: int, workers: int, processes: int = 1
+    tmp: Path, store_url: str, sink_port: int, workers: int | None, processes: int = 1
 ) -> GatewayProcess:
     smtp_port, http_port = free_port(), free_port()
     config = tmp / "gateway.toml"
@@ -247,8 +247,8 @@ max_connections = 500
 [delivery]
 upstream = "smtp://{HOST}:{sink_port}"
 starttls = "off"
-workers = {workers}
-connections = {workers}
+{f'workers = {workers}' if workers else ''}
+{f'connections = {workers}' if workers else ''}
 poll_interval = "100ms"
 retry_initial = "200ms"
 
@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=4,
-        help="[delivery] workers and connections (the shipped default is 4)",
+        default=None,
+        help="[delivery] workers and connections (default: the shipped 20)",
     )
     parser.add_argument(
         "--processes",

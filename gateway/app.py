@@ -134,6 +134,7 @@ class Gateway:
             reject_bare_newlines=self.config.smtp.bare_newline.value == "reject",
             hold_expiry=lambda now: now + approval.expire_after,
             on_queued=self.delivery.wake,
+            handoff=self.delivery,
             on_held=self._on_held if approval.notify_by_mail else None,
             known_domains=self.known_domains.current,
         )

@@ -4,6 +4,11 @@ Each submitter waits for the commit that holds its own message, so every 250 sti
 follows its own durable commit (Postfix says "queued" only after fsync; so do we),
 but twenty concurrent sessions pay for a few fsyncs instead of twenty. There is no
 artificial wait: a lone message commits at once.
+
+With a `Handoff` (delivery), the commit also leases the recipients of queued messages
+to this gateway's delivery, as far as it has free workers, and hands it their claims:
+a message's first send needs no claiming transaction and no second read of its body
+(Postfix's queue manager, too, takes new mail straight from the incoming queue).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Protocol
 
 from quarantine import repository as repo
 from quarantine.db import Store
-from quarantine.repository import NewMessage
+from quarantine.repository import Claim, Lease, NewMessage, transactions_of
+from quarantine.states import MessageState
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +34,48 @@ class Closed(Exception):
     """The committer is closing: the message was not stored (the client hears 451)."""
 
 
+class Handoff(Protocol):
+    """Where the claims of just-committed messages go (`Delivery`)."""
+
+    owner: str
+
+    def reserve(self, transactions: int) -> int:
+        """Keep up to this many workers free for claims about to be committed; say
+        how many were kept."""
+        ...
+
+    def lease_until(self) -> datetime: ...
+
+    def hand_over(self, claims: Sequence[Claim], reserved: int) -> None:
+        """Start these claims' sends; free what was reserved (claims or not)."""
+        ...
+
+
 class GroupCommitter:
-    def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, store: Store, max_batch: int = MAX_BATCH, handoff: Handoff | None = None
+    ) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._pending: list[tuple[NewMessage, datetime, asyncio.Future[None]]] = []
+        self._handoff = handoff
+        self._pending: list[tuple[NewMessage, datetime, asyncio.Future[bool]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # The batch being committed: its submitters are told, whatever happens.
-        self._inflight: Sequence[tuple[NewMessage, datetime, asyncio.Future[None]]] = ()
+        self._inflight: Sequence[tuple[NewMessage, datetime, asyncio.Future[bool]]] = ()
         self._closed = False
 
-    async def commit(self, message: NewMessage, now: datetime) -> None:
-        """Return once `message` is durably committed; raise if it could not be."""
+    async def commit(self, message: NewMessage, now: datetime) -> bool:
+        """Return once `message` is durably committed; raise if it could not be.
+        True: its claims went to delivery with the commit, nothing to wake."""
         if self._closed:
             raise Closed("the gateway is stopping")
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((message, now, done))
         self._wake.set()
-        await done
+        return await done
 
     async def _run(self) -> None:
         while True:
@@ -65,12 +93,17 @@ class GroupCommitter:
                 del batch
 
     async def _commit(
-        self, batch: Sequence[tuple[NewMessage, datetime, asyncio.Future[None]]]
+        self, batch: Sequence[tuple[NewMessage, datetime, asyncio.Future[bool]]]
     ) -> None:
+        rows = [(m, now) for m, now, _ in batch]
+        lease, reserved = self._lease(rows)
         try:
-            rows = [(m, now) for m, now, _ in batch]
-            await self._store.run(lambda session: repo.add_messages(session, rows))
-        except Exception as error:
+            claims = await self._store.run(lambda session: repo.add_messages(session, rows, lease))
+        except BaseException as error:
+            if self._handoff is not None:
+                self._handoff.hand_over((), reserved)
+            if not isinstance(error, Exception):
+                raise
             if len(batch) == 1:
                 _settle(batch[0][2], error)
                 return
@@ -83,8 +116,30 @@ class GroupCommitter:
             for item in batch:
                 await self._commit([item])
             return
-        for _, _, done in batch:
-            _settle(done, None)
+        if self._handoff is not None:
+            try:
+                self._handoff.hand_over(claims, reserved)
+            except Exception:  # committed and leased: the leases run out, then a claim
+                log.exception("handing claims to delivery failed")
+        handed = lease.message_ids if lease is not None else frozenset()
+        for message, _, done in batch:
+            _settle(done, None, message.id in handed)
+
+    def _lease(self, rows: Sequence[tuple[NewMessage, datetime]]) -> tuple[Lease | None, int]:
+        """Which queued messages of the batch delivery can start at once: as many
+        transactions as it has free workers, whole messages only, in order."""
+        if self._handoff is None:
+            return None, 0
+        queued = [(m.id, transactions_of(m)) for m, _ in rows if m.state is MessageState.QUEUED]
+        reserved = self._handoff.reserve(sum(n for _, n in queued)) if queued else 0
+        taken, left = set(), reserved
+        for message_id, transactions in queued:
+            if transactions <= left:
+                taken.add(message_id)
+                left -= transactions
+        if not taken:
+            return None, reserved
+        return Lease(self._handoff.owner, self._handoff.lease_until(), taken), reserved
 
     async def close(self, grace: float = 10.0) -> None:
         """Refuse new messages, let those already handed over commit (each submitter
@@ -106,10 +161,10 @@ class GroupCommitter:
         self._pending.clear()
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(done: asyncio.Future[bool], error: BaseException | None, handed: bool = False) -> None:
     if done.done():  # the submitter went away (connection lost); nothing to tell
         return
     if error is None:
-        done.set_result(None)
+        done.set_result(handed)
     else:
         done.set_exception(error)

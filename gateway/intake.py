@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.audit import AuditLog
-from gateway.committer import GroupCommitter
+from gateway.committer import GroupCommitter, Handoff
 from gateway.ids import new_id
 from policies.engine import Inspection, Policy, inspect
 from policies.envelope import Envelope
@@ -89,8 +89,9 @@ class Intake:
         on_queued: Callable[[], None] | None = None,
         known_domains: Callable[[], frozenset[str]] = frozenset,
         on_held: Callable[[str], Coroutine[Any, Any, None]] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
-        self._committer = GroupCommitter(store)
+        self._committer = GroupCommitter(store, handoff=handoff)
         self._audit = audit
         self._policy = policy
         self._clock = clock
@@ -149,7 +150,7 @@ class Intake:
             return self._refuse(submission, result)
         message_id = new_id()
         state, release_at = self._placement(result, now)
-        await self._committer.commit(
+        handed_over = await self._committer.commit(
             NewMessage(
                 id=message_id,
                 mail_from=submission.mail_from,
@@ -178,7 +179,7 @@ class Intake:
             rule=verdict.rule,
             client=submission.client_address,
         )
-        if state is MessageState.QUEUED and self._on_queued is not None:
+        if state is MessageState.QUEUED and not handed_over and self._on_queued is not None:
             self._on_queued()
         if state is MessageState.HELD and self._on_held is not None:
             # After the commit and off the reply's path: the 250 does not wait for it.

@@ -75,9 +75,22 @@ async def add_message(session: AsyncSession, new: NewMessage, now: datetime) -> 
 # `Store.run`, on SQLite in one hand-off to the store's thread.
 
 
-def add_messages(session: Session, batch: Sequence[tuple[NewMessage, datetime]]) -> None:
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Recipients of these messages are inserted already leased to `owner`, and come
+    back as claims: delivery starts their sends without a claiming transaction."""
+
+    owner: str
+    until: datetime
+    message_ids: AbstractSet[str]
+
+
+def add_messages(
+    session: Session, batch: Sequence[tuple[NewMessage, datetime]], lease: Lease | None = None
+) -> list[Claim]:
     """Insert several messages in three statements whatever their number and their
-    recipients': this is the hot path of every accepted message (group commit)."""
+    recipients': this is the hot path of every accepted message (group commit).
+    Return the claims of the messages `lease` names (one more statement)."""
     session.execute(insert(_MESSAGES), [_message_row(new, now) for new, now in batch])
     streamed = session.get_bind().dialect.driver == "pysqlite"
     large = {new.id: new.raw for new, _ in batch if streamed and len(new.raw) >= STREAMED_BODY}
@@ -86,9 +99,47 @@ def add_messages(session: Session, batch: Sequence[tuple[NewMessage, datetime]])
         session.execute(insert(_BODIES), small)
     for message_id, raw in large.items():
         _stream_body(session, message_id, raw)
-    session.execute(
-        insert(_RECIPIENTS), [row for new, now in batch for row in _recipient_rows(new, now)]
-    )
+    rows = [row for new, now in batch for row in _recipient_rows(new, now)]
+    if lease is not None:
+        for row in rows:
+            if row["message_id"] in lease.message_ids:
+                row["lease_owner"], row["lease_expires_at"] = lease.owner, lease.until
+    session.execute(insert(_RECIPIENTS), rows)
+    if lease is None or not lease.message_ids:
+        return []
+    return _new_claims(session, [(n, now) for n, now in batch if n.id in lease.message_ids])
+
+
+_NEW_RECIPIENTS = (
+    select(_recipients.id, _recipients.message_id, _recipients.address, _recipients.domain)
+    .where(_recipients.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_recipients.id)
+)
+
+
+def _new_claims(session: Session, batch: Sequence[tuple[NewMessage, datetime]]) -> list[Claim]:
+    """The claims of just-inserted, leased messages, as `claim_due` would build them,
+    from what the caller already holds: only the recipients' ids are read back."""
+    found: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for rid, message_id, address, domain in session.execute(
+        _NEW_RECIPIENTS, {"ids": [new.id for new, _ in batch]}
+    ):
+        found[message_id].append((rid, address, domain))
+    claims: list[Claim] = []
+    for new, now in batch:
+        groups: dict[str, list[ClaimedRecipient]] = defaultdict(list)
+        for rid, address, domain in found[new.id]:
+            groups[domain].append(ClaimedRecipient(rid, address, 0, now))
+        claims.extend(
+            Claim(new.id, new.mail_from, new.kind, now, new.verdict, domain, tuple(r), new.raw)
+            for domain, r in groups.items()
+        )
+    return claims
+
+
+def transactions_of(new: NewMessage) -> int:
+    """How many claims (SMTP transactions: one per recipient domain) a message makes."""
+    return len({domain_of(address) for address in new.rcpt_tos})
 
 
 # SQLite copies a bound blob twice (the bound value and the record it builds): a

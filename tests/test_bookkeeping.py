@@ -353,10 +353,10 @@ async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuse
     started = threading.Event()
     original = repo.add_messages
 
-    def slow_add(session: Any, batch: Any) -> None:
+    def slow_add(session: Any, batch: Any, lease: Any = None) -> Any:
         started.set()
         time.sleep(0.3)  # the store is slow: the close arrives mid-commit
-        original(session, batch)
+        return original(session, batch, lease)
 
     def message(mid: str) -> NewMessage:
         return NewMessage(
@@ -395,10 +395,10 @@ async def test_a_commit_still_running_when_the_grace_ends_answers_its_client(
     started = threading.Event()
     original = repo.add_messages
 
-    def slow_add(session: Any, batch: Any) -> None:
+    def slow_add(session: Any, batch: Any, lease: Any = None) -> Any:
         started.set()
         time.sleep(1.0)  # longer than the grace below
-        original(session, batch)
+        return original(session, batch, lease)
 
     try:
         await upgrade(store)

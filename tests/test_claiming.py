@@ -1,23 +1,27 @@
-"""When delivery looks for work: at once when a message is queued, again at once only
-while there may be more than one claim takes, and otherwise at the next poll. Every
-test here polls once a minute, so anything that arrives in seconds was claimed because
-it was woken, not because a poll came round."""
+"""How delivery gets its work. A message accepted while a worker is free is leased to
+it in the accepting commit and sent with no claiming transaction at all. Otherwise
+delivery claims: at once when a message is queued, again at once only while there
+may be more than one claim takes, and else at the next poll. Every test here polls
+once a minute, so anything that arrives in seconds did not wait for a poll."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
+from sqlalchemy import select
 
 from gateway.app import Gateway
+from gateway.delivery import Delivery
 from quarantine import repository as repo
-from quarantine.models import Message
+from quarantine.models import Message, Recipient
 from quarantine.repository import NewMessage
-from quarantine.states import MessageState
+from quarantine.states import MessageState, RecipientState
 from tests.conftest import Upstream, gateway_config, running
 
 MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -51,9 +55,120 @@ async def send(gw: Gateway, rcpts: list[str]) -> None:
     )
 
 
+async def delivered(gw: Gateway, count: int) -> None:
+    async def poll() -> None:
+        while True:
+            async with gw.store.read() as session:
+                states = (await session.scalars(select(Message.state))).all()
+            if states.count(MessageState.DELIVERED) >= count:
+                return
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), 5)
+
+
+def no_handoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivery never has a worker to spare for intake: every message is claimed."""
+    monkeypatch.setattr(Delivery, "reserve", lambda self, transactions: 0)
+
+
+async def test_a_message_accepted_while_a_worker_is_free_needs_no_claim(
+    tmp_path: Path, store_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counted_claims(monkeypatch)
+    config = gateway_config(tmp_path, store_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)  # the first round at start finds nothing
+        before = len(calls)
+        for n in range(3):
+            await send(gw, [f"r{n}@client.example", f"s{n}@other.example"])
+            await upstream.wait_for(2 * (n + 1), timeout=5)
+            await delivered(gw, n + 1)  # idle again: recorded, nothing in flight
+        await asyncio.sleep(0.2)
+        async with gw.store.read() as session:
+            rows = (await session.execute(select(Recipient.state, Recipient.lease_owner))).all()
+            messages = (await session.scalars(select(Message.state))).all()
+    assert calls[before:] == []
+    # two domains, two transactions each; every one recorded, its lease given up
+    assert len(upstream.received) == 6
+    assert set(rows) == {(RecipientState.DELIVERED, None)}
+    assert messages == [MessageState.DELIVERED] * 3
+    events = [
+        json.loads(line)["event"] for line in Path(config.audit.path).read_text().splitlines()
+    ]
+    assert events.count("delivery.sent") == 6 and events.count("message.delivered") == 3
+
+
+async def test_a_handed_over_send_holds_its_lease_while_it_runs(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream
+) -> None:
+    upstream.delay = 0.5
+    config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await send(gw, ["r@client.example"])
+        async with gw.store.read() as session:
+            owner, until = (
+                await session.execute(select(Recipient.lease_owner, Recipient.lease_expires_at))
+            ).one()
+        await upstream.wait_for(1, timeout=5)
+    assert owner == gw.instance
+    assert until is not None and until > datetime.now(UTC) + timedelta(minutes=4)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+async def test_while_delivery_is_busy_new_mail_waits_for_its_next_claim(
+    tmp_path: Path,
+    sqlite_url: str,
+    upstream: Upstream,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+) -> None:
+    # With one worker there is no room; with four there is, but a busy delivery claims
+    # new mail in batches rather than one send (and one recording) per commit.
+    calls = counted_claims(monkeypatch)
+    upstream.delay = 0.3
+    config = gateway_config(
+        tmp_path,
+        sqlite_url,
+        upstream.port,
+        delivery={"poll_interval": "60s", "workers": workers, "connections": workers},
+    )
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)
+        before = len(calls)
+        await send(gw, ["a@client.example"])
+        await send(gw, ["b@client.example"])
+        received = await upstream.wait_for(2, timeout=5)
+    assert sorted(r.rcpt_tos[0] for r in received) == ["a@client.example", "b@client.example"]
+    assert calls[before:].count(1) == 1  # a was handed over; b was claimed
+
+
+async def test_claims_lost_after_the_commit_are_claimed_when_their_lease_runs_out(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Delivery.hand_over
+
+    def lose_them(self: Delivery, claims: Any, reserved: int) -> None:
+        original(self, (), reserved)
+        if claims:
+            raise RuntimeError("injected: the claims never reach a worker")
+
+    monkeypatch.setattr(Delivery, "hand_over", lose_them)
+    config = gateway_config(
+        tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "100ms", "lease": "1s"}
+    )
+    async with running(config) as gw:
+        await send(gw, ["r@client.example"])
+        await asyncio.sleep(0.5)
+        assert upstream.received == []  # leased to nobody working on it: not yet
+        received = await upstream.wait_for(1, timeout=5)
+    assert received[0].rcpt_tos == ["r@client.example"]
+
+
 async def test_one_message_at_a_time_costs_one_claim_each(
     tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    no_handoff(monkeypatch)
     calls = counted_claims(monkeypatch)
     config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
@@ -73,6 +188,7 @@ async def test_a_message_queued_while_a_claim_runs_is_claimed_at_once(
 ) -> None:
     # The wake arrives after the claim looked and found nothing, before the round ends:
     # it must not be lost, or the message would wait for the next poll (here a minute).
+    no_handoff(monkeypatch)
     gateways: list[Gateway] = []
     loop = asyncio.get_running_loop()
 
@@ -105,6 +221,7 @@ async def test_a_message_queued_while_a_claim_runs_is_claimed_at_once(
 async def test_more_recipients_than_one_claim_takes_are_sent_without_waiting_for_a_poll(
     tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    no_handoff(monkeypatch)
     calls = counted_claims(monkeypatch)
     # 2 workers read at most 20 recipients a claim: one message to 45 at one domain
     # fills a claim with one transaction, and the rest must follow at once.

@@ -182,10 +182,10 @@ async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothin
     failures = [OSError(errno.ENOSPC, "No space left on device")]
 
     def fail_between_statements(
-        session: DbSession, batch: Sequence[tuple[NewMessage, datetime]]
-    ) -> None:
+        session: DbSession, batch: Sequence[tuple[NewMessage, datetime]], lease: Any = None
+    ) -> Any:
         if not failures:
-            return original(session, batch)
+            return original(session, batch, lease)
         # The message and body rows are written; the disk fills before the recipients.
         real_execute = session.execute
         calls = 0
@@ -199,7 +199,7 @@ async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothin
 
         session.execute = execute  # type: ignore[method-assign]
         try:
-            original(session, batch)
+            return original(session, batch, lease)
         finally:
             session.execute = real_execute  # type: ignore[method-assign]
 

@@ -145,11 +145,12 @@ async def test_store_failure_answers_451_and_the_next_message_succeeds(
         real = repo.add_messages
         calls = {"n": 0}
 
-        def failing_once(*args: object, **kwargs: object) -> None:
+        def failing_once(*args: object, **kwargs: object) -> object:
             calls["n"] += 1
-            real(*args, **kwargs)  # type: ignore[arg-type]
+            claims = real(*args, **kwargs)  # type: ignore[arg-type]
             if calls["n"] == 1:
                 raise OSError(28, "No space left on device")
+            return claims
 
         monkeypatch.setattr("quarantine.repository.add_messages", failing_once)
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
