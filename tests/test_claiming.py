@@ -237,3 +237,51 @@ async def test_more_recipients_than_one_claim_takes_are_sent_without_waiting_for
         received = await upstream.wait_for(45, timeout=5)
     assert sorted(a for r in received for a in r.rcpt_tos) == sorted(rcpts)
     assert max(calls) == 1 and len(received) >= 3  # 20 + 20 + 5 (or less at a time)
+
+
+async def test_a_committer_fault_answers_each_client_and_the_next_commit_works(
+    sqlite_url: str,
+) -> None:
+    from gateway.committer import GroupCommitter
+    from quarantine.db import Store
+    from quarantine.migrate import upgrade
+
+    class Faulty:
+        owner = "gw"
+        faults = 1
+
+        def reserve(self, transactions: int) -> int:
+            if self.faults:
+                self.faults -= 1
+                raise RuntimeError("injected")
+            return 0
+
+        def lease_until(self) -> datetime:
+            return datetime.now(UTC)
+
+        def hand_over(self, claims: Any, reserved: int) -> None:
+            pass
+
+    def message(mid: str) -> NewMessage:
+        return NewMessage(
+            id=mid,
+            mail_from="alice@example.com",
+            rcpt_tos=["b@client.example"],
+            raw=MESSAGE,
+            state=MessageState.QUEUED,
+            verdict={},
+        )
+
+    store = Store(sqlite_url)
+    try:
+        await upgrade(store)
+        committer = GroupCommitter(store, handoff=Faulty())
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(committer.commit(message("m1"), datetime.now(UTC)), 5)
+        handed = await asyncio.wait_for(committer.commit(message("m2"), datetime.now(UTC)), 5)
+        await committer.close()
+        async with store.read() as session:
+            stored = (await session.scalars(select(Message.id))).all()
+    finally:
+        await store.close()
+    assert handed is False and stored == ["m2"]
