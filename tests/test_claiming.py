@@ -27,6 +27,17 @@ from tests.conftest import Upstream, gateway_config, running
 MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
+def queued(message_id: str, rcpt: str = "b@client.example") -> NewMessage:
+    return NewMessage(
+        id=message_id,
+        mail_from="alice@example.com",
+        rcpt_tos=[rcpt],
+        raw=MESSAGE,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+
+
 def counted_claims(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[int]:
     """Count `claim_due` calls (each one a turn of the store's writer), and the claims
     each one returned; `after(session, claims)` runs inside the claim's transaction."""
@@ -195,15 +206,7 @@ async def test_a_message_queued_while_a_claim_runs_is_claimed_at_once(
     def queue_one_behind_its_back(session: Any, claims: list[repo.Claim]) -> None:
         if claims or not gateways or session.get(Message, "late") is not None:
             return
-        new = NewMessage(
-            id="late",
-            mail_from="alice@example.com",
-            rcpt_tos=["late@client.example"],
-            raw=MESSAGE,
-            state=MessageState.QUEUED,
-            verdict={},
-        )
-        repo.add_messages(session, [(new, datetime.now(UTC))])
+        repo.add_messages(session, [(queued("late", "late@client.example"), datetime.now(UTC))])
         delivery = gateways[0].delivery
         assert delivery is not None
         loop.call_soon_threadsafe(delivery.wake)
@@ -262,23 +265,13 @@ async def test_a_committer_fault_answers_each_client_and_the_next_commit_works(
         def hand_over(self, claims: Any, reserved: int) -> None:
             pass
 
-    def message(mid: str) -> NewMessage:
-        return NewMessage(
-            id=mid,
-            mail_from="alice@example.com",
-            rcpt_tos=["b@client.example"],
-            raw=MESSAGE,
-            state=MessageState.QUEUED,
-            verdict={},
-        )
-
     store = Store(sqlite_url)
     try:
         await upgrade(store)
         committer = GroupCommitter(store, handoff=Faulty())
         with pytest.raises(RuntimeError, match="injected"):
-            await asyncio.wait_for(committer.commit(message("m1"), datetime.now(UTC)), 5)
-        handed = await asyncio.wait_for(committer.commit(message("m2"), datetime.now(UTC)), 5)
+            await asyncio.wait_for(committer.commit(queued("m1"), datetime.now(UTC)), 5)
+        handed = await asyncio.wait_for(committer.commit(queued("m2"), datetime.now(UTC)), 5)
         await committer.close()
         async with store.read() as session:
             stored = (await session.scalars(select(Message.id))).all()
