@@ -120,14 +120,16 @@ class GroupCommitter:
             for item in batch:
                 await self._commit([item])
             return
+        # Submitters first: each one's `message.accepted` is audited before its send
+        # can begin.
+        handed = lease.message_ids if lease is not None else frozenset()
+        for message, _, done in batch:
+            _settle(done, None, message.id in handed)
         if self._handoff is not None:
             try:
                 self._handoff.hand_over(claims, reserved)
             except Exception:  # committed and leased: the leases run out, then a claim
                 log.exception("handing claims to delivery failed")
-        handed = lease.message_ids if lease is not None else frozenset()
-        for message, _, done in batch:
-            _settle(done, None, message.id in handed)
 
     def _lease(self, rows: Sequence[tuple[NewMessage, datetime]]) -> tuple[Lease | None, int]:
         """Which queued messages of the batch delivery can start at once: as many
@@ -135,7 +137,10 @@ class GroupCommitter:
         if self._handoff is None:
             return None, 0
         queued = [(m.id, transactions_of(m)) for m, _ in rows if m.state is MessageState.QUEUED]
-        reserved = self._handoff.reserve(sum(n for _, n in queued)) if queued else 0
+        if not queued:
+            return None, 0
+        until = self._handoff.lease_until()  # before reserving: nothing after it may fail
+        reserved = self._handoff.reserve(sum(n for _, n in queued))
         taken, left = set(), reserved
         for message_id, transactions in queued:
             if transactions <= left:
@@ -143,7 +148,7 @@ class GroupCommitter:
                 left -= transactions
         if not taken:
             return None, reserved
-        return Lease(self._handoff.owner, self._handoff.lease_until(), taken), reserved
+        return Lease(self._handoff.owner, until, taken), reserved
 
     async def close(self, grace: float = 10.0) -> None:
         """Refuse new messages, let those already handed over commit (each submitter

@@ -105,7 +105,7 @@ def add_messages(
             if row["message_id"] in lease.message_ids:
                 row["lease_owner"], row["lease_expires_at"] = lease.owner, lease.until
     session.execute(insert(_RECIPIENTS), rows)
-    if lease is None or not lease.message_ids:
+    if lease is None:
         return []
     return _new_claims(session, [(n, now) for n, now in batch if n.id in lease.message_ids])
 

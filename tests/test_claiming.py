@@ -104,10 +104,12 @@ async def test_a_message_accepted_while_a_worker_is_free_needs_no_claim(
     assert len(upstream.received) == 6
     assert set(rows) == {(RecipientState.DELIVERED, None)}
     assert messages == [MessageState.DELIVERED] * 3
-    events = [
-        json.loads(line)["event"] for line in Path(config.audit.path).read_text().splitlines()
-    ]
+    lines = [json.loads(line) for line in Path(config.audit.path).read_text().splitlines()]
+    events = [line["event"] for line in lines]
     assert events.count("delivery.sent") == 6 and events.count("message.delivered") == 3
+    for accepted in (n for n, line in enumerate(lines) if line["event"] == "message.accepted"):
+        first = next(n for n, line in enumerate(lines) if line.get("id") == lines[accepted]["id"])
+        assert first == accepted  # nothing of a message is audited before its acceptance
 
 
 async def test_a_handed_over_send_holds_its_lease_while_it_runs(
