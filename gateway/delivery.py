@@ -101,6 +101,7 @@ class Delivery:
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
         self._reserved = 0  # workers kept for claims being committed by intake
+        self._skipped = False  # a round found every worker reserved
         # Recipient ids of the sends in progress, whose leases the keeper renews.
         self._sending: dict[int, None] = {}
         self._slots = asyncio.Semaphore(config.workers)
@@ -159,7 +160,8 @@ class Delivery:
         if free <= 0:
             if not self._inflight:
                 # Every worker is reserved for claims that intake is committing: they
-                # start when it hands them over; what it does not take wakes us.
+                # start when it hands them over, which wakes us.
+                self._skipped = True
                 return False
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return True
@@ -195,7 +197,10 @@ class Delivery:
         # with its next round, many messages in one transaction, and records their
         # outcomes together; sends started one commit at a time would each record
         # alone, one store transaction per message (bench/relay.py: 880 -> 370 msg/s).
-        if self._stopping or self._inflight or self._reserved or self._to_record:
+        # Not during a claiming round either: its claims would start beside these.
+        # (Pending recordings belong to sends still in flight.)
+        rounding = not self._between_rounds.is_set()
+        if self._stopping or self._inflight or self._reserved or rounding:
             return 0
         self._reserved = min(transactions, self._config.workers)
         return self._reserved
@@ -205,6 +210,9 @@ class Delivery:
 
     def hand_over(self, claims: Sequence[Claim], reserved: int) -> None:
         self._reserved -= reserved
+        if self._skipped:  # a round gave way to this reservation: it may go on now
+            self._skipped = False
+            self.wake()
         if self._stopping:  # stop() hands back every lease of ours, these too
             return
         for claim in claims:
@@ -320,6 +328,7 @@ class Delivery:
                 "protection-failed",
                 now,
                 ours=[r.id for r in claim.recipients],
+                owner=self.owner,
                 expires_at=now + self._hold_for,
             )
         if held:

@@ -485,22 +485,26 @@ async def hold_message(
     now: datetime,
     *,
     ours: Sequence[int] = (),
+    owner: str | None = None,
     expires_at: datetime | None = None,
 ) -> bool:
     """Queued → held, its unfinished recipients back to waiting (fail closed).
 
-    `ours`: the recipients of the claim that holds it. Recipients any other claim is
+    `ours`: the recipients of the claim that holds it, as far as `owner` (that claim's
+    worker) still holds their leases; one lost to another worker, which may be sending
+    it now, is that worker's to record. Recipients any other claim is
     sending to right now (of this instance too: a message's domains are claimed
     separately) keep their lease, so that send's result is recorded rather than
     dropped; claims skip recipients of any message that is not queued, so nothing
     more leaves until someone approves it.
     """
+    mine = and_(Recipient.id.in_(ours), Recipient.lease_owner == owner)
     message = await session.get(Message, message_id, with_for_update=True)
     if message is not None and message.state is MessageState.HELD and ours:
         # Held already, by another claim of the message (one per domain) that failed
         # first: this claim's recipients wait for the decision too, instead of staying
         # due under a lease that only runs out.
-        await session.execute(_to_waiting(message_id, now, Recipient.id.in_(ours)))
+        await session.execute(_to_waiting(message_id, now, mine))
         return False
     if message is None or message.state is not MessageState.QUEUED:
         return False
@@ -510,7 +514,7 @@ async def hold_message(
     message.release_at = expires_at  # a hold's expiry, not the old end of a delay
     not_in_flight = or_(
         Recipient.lease_owner.is_(None),
-        Recipient.id.in_(ours),
+        mine,
         Recipient.lease_expires_at < now,
     )
     await session.execute(_to_waiting(message_id, now, not_in_flight))

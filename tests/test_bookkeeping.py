@@ -328,7 +328,12 @@ async def test_a_hold_at_delivery_leaves_the_other_domains_send_in_flight(store_
         a, b = by_domain["a.example"], by_domain["b.example"]
         async with store.transaction(durable=False) as session:
             held = await repo.hold_message(
-                session, "m1", "protection-failed", now, ours=[r.id for r in a.recipients]
+                session,
+                "m1",
+                "protection-failed",
+                now,
+                ours=[r.id for r in a.recipients],
+                owner="gw",
             )
         assert held
         sent = [OutcomeRow(b.recipients[0].id, RecipientState.DELIVERED, 250, "2.0.0 ok")]
@@ -458,6 +463,7 @@ async def test_a_second_claim_failing_on_a_held_message_puts_its_recipients_to_w
                         "protection-failed",
                         now,
                         ours=[r.id for r in claim.recipients],
+                        owner="gw",
                     )
                 )
         async with store.read() as session:
@@ -466,3 +472,53 @@ async def test_a_second_claim_failing_on_a_held_message_puts_its_recipients_to_w
         await store.close()
     assert held == [True, False]
     assert [tuple(r) for r in rows] == [("waiting", None), ("waiting", None)]
+
+
+async def test_a_hold_leaves_recipients_whose_lease_another_worker_took_to_that_worker(
+    store_url: str,
+) -> None:
+    # w1's lease ran out while its protection step ran; w2 claimed the recipient and is
+    # sending. w1 then fails protection and holds the message: w2's lease stands, so
+    # w2's result is recorded instead of dropped (and the mail sent again on approval).
+    store = Store(store_url)
+    now = datetime.now(UTC)
+    new = NewMessage(
+        id="m1",
+        mail_from="alice@example.com",
+        rcpt_tos=["a@a.example"],
+        raw=MESSAGE,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+    try:
+        await upgrade(store)
+        await store.run(lambda session: repo.add_messages(session, [(new, now)]))
+        (first,) = await store.run(
+            partial(repo.claim_due, owner="w1", now=now, lease=timedelta(seconds=1), limit=10),
+            durable=False,
+        )
+        later = now + timedelta(seconds=2)
+        (second,) = await store.run(
+            partial(repo.claim_due, owner="w2", now=later, lease=timedelta(minutes=1), limit=10),
+            durable=False,
+        )
+        async with store.transaction(durable=False) as session:
+            held = await repo.hold_message(
+                session,
+                "m1",
+                "protection-failed",
+                later,
+                ours=[r.id for r in first.recipients],
+                owner="w1",
+            )
+        sent = [OutcomeRow(second.recipients[0].id, RecipientState.DELIVERED, 250, "2.0.0 ok")]
+        kept = await store.run(
+            partial(repo.record_outcomes, outcomes=sent, owner="w2", now=later), durable=False
+        )
+        async with store.read() as session:
+            state = await session.scalar(select(Recipient.state))
+    finally:
+        await store.close()
+    assert held
+    assert kept == {second.recipients[0].id}
+    assert state == RecipientState.DELIVERED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,32 @@ async def test_a_committer_fault_answers_each_client_and_the_next_commit_works(
     finally:
         await store.close()
     assert handed is False and stored == ["m2"]
+
+
+async def test_mail_accepted_during_a_claiming_round_is_left_to_the_next_round(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A round's claim is running when intake commits: were the commit's claims handed
+    # over too, both would start beside each other beyond the free workers.
+    gateways: list[Gateway] = []
+    loop = asyncio.get_running_loop()
+    sending: list[Any] = []
+
+    def accept_one_meanwhile(session: Any, claims: list[repo.Claim]) -> None:
+        if claims or not gateways or sending:
+            return
+        sending.append(asyncio.run_coroutine_threadsafe(send(gateways[0], ["m@x.example"]), loop))
+        time.sleep(0.3)  # intake inspects and reaches its commit while this round runs
+
+    calls = counted_claims(monkeypatch, after=accept_one_meanwhile)
+    config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)
+        before = len(calls)
+        gateways.append(gw)
+        assert gw.delivery is not None
+        gw.delivery.wake()
+        received = await upstream.wait_for(1, timeout=5)
+        await asyncio.wrap_future(sending[0])
+    assert received[0].rcpt_tos == ["m@x.example"]
+    assert calls[before:] == [0, 1]  # the round that was running, then the one that sent it
