@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import column as sa_column
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy import table as sa_table
 
 from gateway.approvals import Approvals, Principal, may_see
@@ -243,5 +243,42 @@ async def test_a_scoped_page_is_read_from_indexes_on_sqlite(tmp_path: Path) -> N
                 assert walks, (statement, steps)
                 assert all(re.search(INDEXED, s) for s in walks), (statement, steps)
                 assert not [s for s in steps if "TEMP B-TREE" in s], (statement, steps)
+    finally:
+        await store.close()
+
+
+async def _indexes(store: Store) -> set[str]:
+    from sqlalchemy import inspect as sa_inspect
+
+    async with store.engine.connect() as connection:
+        found = await connection.run_sync(
+            lambda sync: sa_inspect(sync).get_indexes("messages")  # type: ignore[no-any-return]
+        )
+    return {index["name"] for index in found}
+
+
+async def test_migration_0008_adds_the_rule_index_0006_did_not_make(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        await upgrade(store, "0007")
+        assert "ix_messages_rule_state_id" not in await _indexes(store)
+        await upgrade(store)
+        assert "ix_messages_rule_state_id" in await _indexes(store)
+    finally:
+        await store.close()
+
+
+async def test_migration_0008_leaves_the_rule_index_a_later_text_of_0006_made(
+    store_url: str,
+) -> None:
+    store = Store(store_url)
+    try:
+        await upgrade(store, "0007")
+        async with store.transaction() as session:
+            await session.execute(
+                text("CREATE INDEX ix_messages_rule_state_id ON messages (rule, state, id)")
+            )
+        await upgrade(store)
+        assert "ix_messages_rule_state_id" in await _indexes(store)
     finally:
         await store.close()

@@ -1,6 +1,5 @@
 """Who may see a message, as indexed columns: the approver list a hold or delay names,
 and the sender's address in lower case. Backfilled from the verdict and MAIL FROM.
-Pages of one rule's mail are read from an index too.
 
 Revision ID: 0006
 Revises: 0005
@@ -38,12 +37,12 @@ def upgrade() -> None:
     op.add_column("messages", sa.Column("sender_address", sa.Text(), nullable=True))
     _backfill(op.get_bind())
     op.drop_index(op.f("ix_messages_sender_user_created_at"), table_name="messages")
-    for column in ("sender_user", "sender_address", "approvers", "rule"):
+    for column in ("sender_user", "sender_address", "approvers"):
         op.create_index(op.f(f"ix_messages_{column}_state_id"), "messages", [column, "state", "id"])
 
 
 def downgrade() -> None:
-    for column in ("sender_user", "sender_address", "approvers", "rule"):
+    for column in ("sender_user", "sender_address", "approvers"):
         op.drop_index(op.f(f"ix_messages_{column}_state_id"), table_name="messages")
     op.create_index(
         op.f("ix_messages_sender_user_created_at"), "messages", ["sender_user", "created_at"]
