@@ -16,7 +16,6 @@ parsed as before.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 
@@ -57,17 +56,8 @@ class Parsed:
 
     def serialized_size(self, part: Message) -> int:
         """len(part.as_bytes()) as if the part held its whole bodies."""
-        bodies = (self.shortened.get(id(p)) for p in _walk(part))
+        bodies = (self.shortened.get(id(p)) for p in part.walk())
         return len(part.as_bytes()) + sum(body.rendered for body in bodies if body is not None)
-
-
-def _walk(part: Message) -> Iterator[Message]:
-    yield part
-    payload = part.get_payload()
-    if isinstance(payload, list):
-        for sub in payload:
-            if isinstance(sub, Message):
-                yield from _walk(sub)
 
 
 def parse_message(raw: bytes) -> Parsed:

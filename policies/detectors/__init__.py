@@ -26,11 +26,12 @@ DETECTORS: dict[PiiKind, Callable[[str], Iterator[Finding]]] = {
 # The look-behind (after the first character, to keep the fast scan) keeps a run from
 # being tried again at each of its digits. The dashes `for_detectors` turns into "-"
 # are separators too, so that only the runs, not the whole text, need turning.
-_NUMBER_RUN = re.compile(rf"[\d+(](?<!\d[\d+(])[\d ()+\-{DASHES}]{{8,}}\d")
+_RUN = r"[\d+(](?<!\d[\d+(])[\d ()+\-{dashes}]{{8,}}\d"
+_NUMBER_RUN = re.compile(_RUN.format(dashes=DASHES))
 # In ASCII text, \d is [0-9] either way; compiled for ASCII, the scan is a table look-up
 # per character instead of a Unicode category check, and text without a digit (the
 # bulk of plain English mail) cannot hold a run at all.
-_ASCII_NUMBER_RUN = re.compile(r"[\d+(](?<!\d[\d+(])[\d ()+-]{8,}\d", re.ASCII)
+_ASCII_NUMBER_RUN = re.compile(_RUN.format(dashes=""), re.ASCII)
 _NUMBER_DETECTORS = (credit_card.find, my_number.find, phone_jp.find)
 
 
