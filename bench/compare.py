@@ -64,7 +64,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from relay import proc_stats  # bench/ is the script's directory, first on sys.path
+from relay import proc_stats, smtp_source_command  # bench/ is first on sys.path
 
 HOST = "127.0.0.1"
 POSTFIX = "/usr/sbin/postfix"
@@ -631,20 +631,7 @@ def relay_load(
     base = sink.count
     accepted_before = gateway.count("message.accepted") if gateway else 0
     cpu_before = gateway.cpu_seconds() if gateway else 0.0
-    command = [
-        SMTP_SOURCE,
-        "-s",
-        str(args.sessions),
-        "-m",
-        str(args.messages),
-        "-l",
-        str(args.size),
-        "-f",
-        MAIL_FROM,
-        "-t",
-        RCPT_TO,
-        f"{HOST}:{port}",
-    ]
+    command = smtp_source_command(args, port, MAIL_FROM, RCPT_TO)
     started = time.monotonic()
     try:
         source = subprocess.run(

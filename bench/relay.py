@@ -247,8 +247,8 @@ max_connections = 500
 [delivery]
 upstream = "smtp://{HOST}:{sink_port}"
 starttls = "off"
-{f'workers = {workers}' if workers else ''}
-{f'connections = {workers}' if workers else ''}
+{f"workers = {workers}" if workers else ""}
+{f"connections = {workers}" if workers else ""}
 poll_interval = "100ms"
 retry_initial = "200ms"
 
@@ -296,22 +296,23 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     return status
 
 
-def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> int:
-    command = [
+def smtp_source_command(
+    args: argparse.Namespace, port: int, mail_from: str, rcpt: str, *, reuse: bool = False
+) -> list[str]:
+    """smtp-source with the load of `args` (--sessions, --messages, --size) to `port`."""
+    return [
         SMTP_SOURCE,
-        "-s",
-        str(args.sessions),
-        "-m",
-        str(args.messages),
-        "-l",
-        str(args.size),
-        "-f",
-        "bench@example.com",
-        "-t",
-        "rcpt@client.example",
-        *(["-d"] if args.reuse else []),
-        f"{HOST}:{gateway.smtp_port}",
+        *("-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size)),
+        *("-f", mail_from, "-t", rcpt),
+        *(["-d"] if reuse else []),
+        f"{HOST}:{port}",
     ]
+
+
+def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> int:
+    command = smtp_source_command(
+        args, gateway.smtp_port, "bench@example.com", "rcpt@client.example", reuse=args.reuse
+    )
     print("$", " ".join(command), flush=True)
     cpu_before = gateway.cpu_seconds()
     started = time.monotonic()
@@ -329,7 +330,7 @@ def measure(args: argparse.Namespace, gateway: GatewayProcess, sink: Sink) -> in
     accepted = events.get("message.accepted", 0)
     print(
         f"messages={args.messages} sessions={args.sessions} size={args.size} "
-        f"store={args.store_url.split(':', 1)[0]} workers={args.workers} "
+        f"store={args.store_url.split(':', 1)[0]} workers={args.workers or 'shipped (20)'} "
         f"processes={args.processes}"
     )
     print(
