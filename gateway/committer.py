@@ -102,7 +102,9 @@ class GroupCommitter:
         rows = [(m, now) for m, now, _ in batch]
         lease, reserved = self._lease(rows)
         try:
-            claims = await self._store.run(lambda session: repo.add_messages(session, rows, lease))
+            claims = await self._store.run(
+                lambda session: repo.add_messages(session, rows, lease), urgent=True
+            )
         except BaseException as error:
             if self._handoff is not None:
                 self._handoff.hand_over((), reserved)

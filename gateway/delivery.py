@@ -49,6 +49,9 @@ async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[st
 
 # Claims recorded in one bookkeeping transaction at most.
 RECORD_BATCH = 64
+# Sends in flight with which delivery still takes new mail straight from intake's
+# commit (`Delivery.reserve`).
+NEARLY_IDLE = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class Delivery:
         self._rng = rng or random.Random()
         self._after_recorded = after_recorded
         self._to_record: list[_Pending] = []
+        self._awaiting_record = 0  # sends done with the network, waiting for their record
         self._known_domains = known_domains
         self._recorder: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -193,16 +197,20 @@ class Delivery:
     # -- claims straight from intake's commit (`gateway.committer.Handoff`)
 
     def reserve(self, transactions: int) -> int:
-        # Only an idle delivery takes claims from intake. A busy one claims new mail
-        # with its next round, many messages in one transaction, and records their
-        # outcomes together; sends started one commit at a time would each record
-        # alone, one store transaction per message (bench/relay.py: 880 -> 370 msg/s).
-        # Not during a claiming round either: its claims would start beside these.
-        # (Pending recordings belong to sends still in flight.)
+        # Only a (nearly) idle delivery takes claims from intake: at most one send in
+        # flight, as when one client sends message after message, where a claiming
+        # round would take just this one message and cost a transaction of its own. A
+        # busier one claims new mail with its next round, many messages in one
+        # transaction, and records their outcomes together; sends started one commit
+        # at a time would each record alone, one store transaction per message
+        # (bench/relay.py: 880 -> 370 msg/s). Not during a claiming round either: its
+        # claims would start beside these. (Pending recordings belong to sends still
+        # in flight.)
         rounding = not self._between_rounds.is_set()
-        if self._stopping or self._inflight or self._reserved or rounding:
+        busy = len(self._inflight) - self._awaiting_record > NEARLY_IDLE
+        if self._stopping or busy or self._reserved or rounding:
             return 0
-        self._reserved = min(transactions, self._config.workers)
+        self._reserved = max(0, min(transactions, self._config.workers - len(self._inflight)))
         return self._reserved
 
     def lease_until(self) -> datetime:
@@ -395,7 +403,11 @@ class Delivery:
         self._to_record.append(_Pending(claim, outcomes, done))
         if self._recorder is None or self._recorder.done():
             self._recorder = loop.create_task(self._record_pending(), name="delivery-recorder")
-        await done
+        self._awaiting_record += 1
+        try:
+            await done
+        finally:
+            self._awaiting_record -= 1
 
     async def _record_pending(self) -> None:
         while self._to_record:

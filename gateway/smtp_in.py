@@ -265,6 +265,7 @@ class GatewaySMTP(CachedInitSMTP):
         self._errors = 0
         self._refused = False
         self._counted = False
+        self._continued: list[bytes] = []  # lines of a reply not yet written (push)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parse of a MAIL/RCPT path, with a fast path for the plain form;
@@ -348,7 +349,22 @@ class GatewaySMTP(CachedInitSMTP):
         await self.push("250 OK" if status is MISSING else status)
 
     async def push(self, status: Any) -> None:
-        await super().push(status)
+        """aiosmtpd writes every line of a reply on its own (EHLO's six are six sends);
+        a continuation line ("250-…") waits here and goes out with its reply's last
+        line, in one write."""
+        line = (
+            status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+            if isinstance(status, str)
+            else status
+        )
+        if line[3:4] == b"-":
+            self._continued.append(line)
+            return
+        if self._continued:
+            self._continued.append(line)
+            line = b"\r\n".join(self._continued)
+            self._continued.clear()
+        await super().push(line)
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
         if text.startswith("421") and self.transport is not None:
             self.transport.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import os
@@ -83,7 +84,7 @@ class Store:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._bookkeeping = self.sessions
-        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._write_lock = WriteLock() if self.is_sqlite else None
         self._writer_file: WriterFileLock | None = None
         if database is not None:
             self._writer_file = WriterFileLock(f"{database}-writer.lock")
@@ -122,7 +123,9 @@ class Store:
                 await session.execute(_NOT_SYNCHRONOUS)
             yield session
 
-    async def run(self, work: Callable[[Session], T], *, durable: bool = True) -> T:
+    async def run(
+        self, work: Callable[[Session], T], *, durable: bool = True, urgent: bool = False
+    ) -> T:
         """Run `work(session)` as one write transaction and return its result.
 
         The hot path's transactions (accepting, claiming, recording) go through here.
@@ -131,12 +134,18 @@ class Store:
         driver makes three or four per statement. `work` therefore runs off the event
         loop and must only touch the session. On PostgreSQL it runs in the async
         session like any other transaction.
+
+        `urgent`: a client is waiting for this commit (its 250). On SQLite it goes
+        ahead of the bookkeeping transactions queued for the writer, so a message's
+        commit waits for at most the one transaction already running, never for a
+        queue of delivery's claims and recordings.
         """
         if not self.is_sqlite:
             async with self.transaction(durable=durable) as session:
                 return await session.run_sync(work)
         assert self._write_lock is not None
-        async with self._write_lock:
+        await self._write_lock.acquire(urgent=urgent)
+        try:
             loop = asyncio.get_running_loop()
             done = loop.run_in_executor(self._thread, self._run_here, work, durable)
             try:
@@ -147,6 +156,8 @@ class Store:
                 # meet SQLite's own lock instead of ours.
                 await asyncio.wait({done})
                 raise
+        finally:
+            self._write_lock.release()
 
     def _run_here(self, work: Callable[[Session], T], durable: bool) -> T:
         if self._writer_file is None:
@@ -195,6 +206,55 @@ class Store:
             self._thread.shutdown(wait=True)
             if self._writer_file is not None:
                 self._writer_file.close()
+
+
+class WriteLock:
+    """The process's SQLite writer lock: first come, first served, except that an
+    urgent writer (a commit a client is waiting on) goes ahead of every ordinary one
+    waiting. Released, it passes straight to the next waiter, so nobody arriving in
+    between can slip in front. At most one urgent writer waits at a time (the group
+    committer), so the others cannot starve: they get the lock between its commits."""
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._urgent: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._ordinary: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    async def acquire(self, *, urgent: bool = False) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        queue = self._urgent if urgent else self._ordinary
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # it was handed to us as we were cancelled: pass it on
+            else:
+                queue.remove(turn)
+            raise
+
+    def release(self) -> None:
+        if not self._locked:
+            raise RuntimeError("WriteLock released while not held")
+        for queue in (self._urgent, self._ordinary):
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)  # still locked: now the waiter's
+                    return
+        self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.release()
 
 
 class WriterFileLock:

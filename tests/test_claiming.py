@@ -129,16 +129,20 @@ async def test_a_handed_over_send_holds_its_lease_while_it_runs(
     assert until is not None and until > datetime.now(UTC) + timedelta(minutes=4)
 
 
-@pytest.mark.parametrize("workers", [1, 4])
+@pytest.mark.parametrize(("workers", "claimed"), [(1, 2), (4, 1)])
 async def test_while_delivery_is_busy_new_mail_waits_for_its_next_claim(
     tmp_path: Path,
     sqlite_url: str,
     upstream: Upstream,
     monkeypatch: pytest.MonkeyPatch,
     workers: int,
+    claimed: int,
 ) -> None:
-    # With one worker there is no room; with four there is, but a busy delivery claims
-    # new mail in batches rather than one send (and one recording) per commit.
+    # One send on the wire still leaves delivery nearly idle: with a free worker (of
+    # four) the next message is handed over, as one client sending message after
+    # message needs. Two on the wire is busy: the third is claimed, in a batch with
+    # whatever else came, rather than one send (and one recording) per commit. With
+    # one worker there is no room at all: everything after the first is claimed.
     calls = counted_claims(monkeypatch)
     upstream.delay = 0.3
     config = gateway_config(
@@ -150,11 +154,41 @@ async def test_while_delivery_is_busy_new_mail_waits_for_its_next_claim(
     async with running(config) as gw:
         await asyncio.sleep(0.2)
         before = len(calls)
-        await send(gw, ["a@client.example"])
-        await send(gw, ["b@client.example"])
-        received = await upstream.wait_for(2, timeout=5)
-    assert sorted(r.rcpt_tos[0] for r in received) == ["a@client.example", "b@client.example"]
-    assert calls[before:].count(1) == 1  # a was handed over; b was claimed
+        for rcpt in ("a", "b", "c"):
+            await send(gw, [f"{rcpt}@client.example"])
+        received = await upstream.wait_for(3, timeout=5)
+    assert sorted(r.rcpt_tos[0] for r in received) == [
+        "a@client.example",
+        "b@client.example",
+        "c@client.example",
+    ]
+    assert sum(calls[before:]) == claimed
+
+
+async def test_a_send_waiting_only_for_its_recording_does_not_make_delivery_busy(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last message's send is done with the network and waits for its outcome to
+    # be recorded (behind the next message's commit, which goes first): the next
+    # message is still handed over. Counting it as busy made every other message
+    # of one client's stream cost a claim.
+    calls = counted_claims(monkeypatch)
+    original = Delivery._commit_outcomes
+
+    async def slow_recording(self: Delivery, batch: Any) -> None:
+        await asyncio.sleep(0.3)
+        await original(self, batch)
+
+    monkeypatch.setattr(Delivery, "_commit_outcomes", slow_recording)
+    config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)
+        before = len(calls)
+        for n in range(3):
+            await send(gw, [f"r{n}@client.example"])
+            await upstream.wait_for(n + 1, timeout=5)  # sent; its recording still waits
+        await delivered(gw, 3)
+    assert calls[before:] == []
 
 
 async def test_claims_lost_after_the_commit_are_claimed_when_their_lease_runs_out(

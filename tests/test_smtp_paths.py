@@ -3,15 +3,19 @@ aiosmtpd's full parse answers, and hands everything else to it."""
 
 from __future__ import annotations
 
+import asyncio
 import string
+from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.smtp_in import GatewaySMTP
+from tests.conftest import Upstream, gateway_config, running
 
 ATEXT = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
 atom = st.text(alphabet=ATEXT, min_size=1, max_size=8)
@@ -87,3 +91,29 @@ def test_the_plain_form_does_not_touch_the_full_parser(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(SMTP, "_getaddr", refuse)
     assert _parser()._getaddr("<alice@example.com> SIZE=5120") == ("alice@example.com", "SIZE=5120")
+
+
+async def test_a_multiline_reply_is_written_once(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiosmtpd writes each line of a reply on its own: EHLO's six lines were six sends.
+    writes: list[bytes] = []
+    original = asyncio.StreamWriter.write
+
+    def write(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append(bytes(data))
+        original(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
+    config = gateway_config(tmp_path, sqlite_url, upstream.port)
+    async with running(config) as gw:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gw.smtp_port, start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        extensions = dict(client.esmtp_extensions)
+        await client.quit()
+    (ehlo,) = [w for w in writes if w.startswith(b"250-")]
+    lines = ehlo.split(b"\r\n")
+    assert lines[-1] == b"" and lines[-2] == b"250 HELP"
+    assert all(line.startswith(b"250-") for line in lines[:-2]) and len(lines) >= 5
+    assert "size" in extensions and "8bitmime" in extensions and "smtputf8" in extensions

@@ -179,3 +179,76 @@ async def test_a_writer_cancelled_while_waiting_for_the_lock_gives_it_back(
     finally:
         os.close(other)
         await store.close()
+
+
+# --- within one process: the write lock's order ---------------------------------------
+
+
+async def test_an_urgent_writer_goes_ahead_of_ordinary_ones_already_waiting() -> None:
+    from quarantine.db import WriteLock
+
+    lock, order = WriteLock(), []
+
+    async def writer(name: str, urgent: bool) -> None:
+        await lock.acquire(urgent=urgent)
+        order.append(name)
+        await asyncio.sleep(0)
+        lock.release()
+
+    await lock.acquire()
+    waiting = [asyncio.create_task(writer("claim", False))]
+    await asyncio.sleep(0)
+    waiting.append(asyncio.create_task(writer("record", False)))
+    await asyncio.sleep(0)
+    waiting.append(asyncio.create_task(writer("commit", True)))
+    await asyncio.sleep(0)
+    lock.release()
+    await asyncio.gather(*waiting)
+    assert order == ["commit", "claim", "record"]
+    assert not lock.locked()
+
+
+async def test_a_writer_cancelled_as_it_gets_the_lock_passes_it_on() -> None:
+    from quarantine.db import WriteLock
+
+    lock = WriteLock()
+    await lock.acquire()
+    first = asyncio.create_task(lock.acquire())
+    second = asyncio.create_task(lock.acquire(urgent=True))
+    gone = asyncio.create_task(lock.acquire())
+    await asyncio.sleep(0)
+    gone.cancel()  # still waiting: leaves the queue
+    lock.release()  # handed to `second` (urgent) ...
+    second.cancel()  # ... which is cancelled before it runs: it passes the lock on
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await asyncio.wait_for(first, 1)
+    assert lock.locked()
+    lock.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+async def test_store_run_puts_a_waiting_commit_before_queued_bookkeeping(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'order.db'}")
+    order: list[str] = []
+    try:
+        loop, started = asyncio.get_running_loop(), asyncio.Event()
+
+        def slow(_session: object) -> None:  # the transaction running when both arrive
+            loop.call_soon_threadsafe(started.set)
+            time.sleep(0.2)
+            order.append("running")
+
+        running = asyncio.create_task(store.run(slow, durable=False))
+        await started.wait()
+        record = asyncio.create_task(store.run(lambda _s: order.append("record"), durable=False))
+        await asyncio.sleep(0.01)
+        commit = asyncio.create_task(store.run(lambda _s: order.append("commit"), urgent=True))
+        await asyncio.gather(running, record, commit)
+    finally:
+        await store.close()
+    assert order == ["running", "commit", "record"]
