@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 
 # A prepared delivery: the bytes to send to some of a claim's recipients. The
 # encryption and Bcc transforms turn one stored message into one or more of these.
-Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes]]]]
+Prepare = Callable[[Claim, bytes], Awaitable[Sequence[tuple[Sequence[str], bytes | bytearray]]]]
 AfterRecorded = Callable[[Session, Claim, datetime], list[Event]]
 
 
-async def send_as_stored(claim: Claim, raw: bytes) -> Sequence[tuple[Sequence[str], bytes]]:
+async def send_as_stored(
+    claim: Claim, raw: bytes
+) -> Sequence[tuple[Sequence[str], bytes | bytearray]]:
     return [([r.address for r in claim.recipients], raw)]
 
 
@@ -345,7 +347,7 @@ class Delivery:
             )
 
     async def _send(
-        self, claim: Claim, recipients: Sequence[ClaimedRecipient], data: bytes
+        self, claim: Claim, recipients: Sequence[ClaimedRecipient], data: bytes | bytearray
     ) -> list[Outcome]:
         try:
             results = await self._transport.send(

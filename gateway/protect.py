@@ -52,7 +52,7 @@ from quarantine.states import (
 PASSWORD_ALPHABET = "23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
 PASSWORD_LENGTH = 16
 
-Batch = tuple[Sequence[str], bytes]
+Batch = tuple[Sequence[str], bytes | bytearray]  # encryption's output is a bytearray
 
 AWAITING_DELIVERY = "awaiting-delivery:"  # + the original's id, in a notice's `rule`
 AFTER_DELIVERY = "after-delivery:"  # the same notice once its time is set

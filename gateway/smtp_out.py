@@ -65,7 +65,7 @@ async def sendmail(
     client: aiosmtplib.SMTP,
     sender: str,
     recipients: Sequence[str],
-    message: bytes,
+    message: bytes | bytearray,
     *,
     mail_options: Sequence[str] = (),
 ) -> tuple[Refused, str]:
@@ -120,7 +120,7 @@ async def _transact(
     sender: str,
     envelope: bytes,
     recipients: Sequence[str],
-    message: bytes,
+    message: bytes | bytearray,
     timeout: float | None,
 ) -> tuple[list[SMTPRecipientRefused], SMTPResponse | None]:
     """The refused recipients, and the final reply (None: nobody was accepted)."""
@@ -164,7 +164,7 @@ async def _abandon(exchange: _Exchange, data: SMTPResponse, timeout: float | Non
         exchange.abort()
 
 
-def dot_stuffed(message: bytes, window: int = WINDOW) -> Iterator[bytes]:
+def dot_stuffed(message: bytes | bytearray, window: int = WINDOW) -> Iterator[bytes]:
     """The DATA section in pieces of about `window` bytes: `message` with CRLF line
     ends, one more "." before each line that begins with one (RFC 5321 §4.5.2), then
     the end-of-data line. A message within one window is copied once, for the
@@ -176,7 +176,13 @@ def dot_stuffed(message: bytes, window: int = WINDOW) -> Iterator[bytes]:
     size, start = len(message), 0
     while True:
         end = size if size - start <= window else _cut(message, start, window)
-        piece = message if end - start == size else message[start:end]
+        # One copy of each window, as bytes whatever the message is (encryption's
+        # output is a bytearray); a bytes message in one window is not copied at all.
+        piece = (
+            message
+            if end - start == size and isinstance(message, bytes)
+            else bytes(memoryview(message)[start:end])
+        )
         piece = normalize_newlines(piece)  # the piece itself when its line ends are CRLF
         if piece[:1] == b"." and (start == 0 or message[start - 1] == 0x0A):
             piece = b"." + piece
@@ -188,7 +194,7 @@ def dot_stuffed(message: bytes, window: int = WINDOW) -> Iterator[bytes]:
         start = end
 
 
-def _cut(message: bytes, start: int, window: int) -> int:
+def _cut(message: bytes | bytearray, start: int, window: int) -> int:
     """Just after the last LF within the window. Within a longer line, at the window's
     end (a "." there begins no line), moved past a CR so that no piece but the last ends
     with one: a CRLF is never split, and only an LF ever ends the previous piece."""

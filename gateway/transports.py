@@ -26,7 +26,9 @@ Results = dict[str, tuple[int, str]]
 
 
 class Transport(Protocol):
-    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> Results: ...
+    async def send(
+        self, mail_from: str, rcpts: Sequence[str], data: bytes | bytearray
+    ) -> Results: ...
     async def close(self) -> None: ...
 
 
@@ -60,7 +62,7 @@ class SmtpTransport:
         self._reaper: asyncio.TimerHandle | None = None
         self._quitting: set[asyncio.Task[None]] = set()
 
-    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes | bytearray) -> Results:
         async with self._slots:
             client = await self._checkout()
             try:
@@ -145,7 +147,7 @@ class SmtpTransport:
         return client
 
     async def _transact(
-        self, client: aiosmtplib.SMTP, mail_from: str, rcpts: Sequence[str], data: bytes
+        self, client: aiosmtplib.SMTP, mail_from: str, rcpts: Sequence[str], data: bytes | bytearray
     ) -> Results:
         options = []
         if client.supports_extension("8bitmime") and not data.isascii():
@@ -158,8 +160,10 @@ class SmtpTransport:
                     client, mail_from, rcpts, data, mail_options=options
                 )
             else:
+                # aiosmtplib takes bytes only: a bytearray (encrypted) is copied once here.
+                message = data if isinstance(data, bytes) else bytes(data)
                 refused, reply = await client.sendmail(
-                    mail_from, list(rcpts), data, mail_options=options
+                    mail_from, list(rcpts), message, mail_options=options
                 )
         except SMTPRecipientsRefused as error:
             return {e.recipient: (e.code, e.message) for e in error.recipients}
@@ -202,7 +206,7 @@ class MaildirTransport:
         self._host = socket.gethostname().replace("/", "_").replace(":", "_")
         self._count = 0
 
-    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> Results:
+    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes | bytearray) -> Results:
         try:
             await asyncio.to_thread(self._write_all, mail_from, rcpts, data)
         except OSError as error:
@@ -211,14 +215,14 @@ class MaildirTransport:
             ) from None
         return {r: (250, "2.0.0 written to maildir") for r in rcpts}
 
-    def _write_all(self, mail_from: str, rcpts: Sequence[str], data: bytes) -> None:
+    def _write_all(self, mail_from: str, rcpts: Sequence[str], data: bytes | bytearray) -> None:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         for rcpt in rcpts:
             header = f"Return-Path: <{mail_from}>\r\nDelivered-To: {rcpt}\r\n".encode()
             self._write(header + data)
 
-    def _write(self, blob: bytes) -> None:
+    def _write(self, blob: bytes | bytearray) -> None:
         self._count += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{self._count}.{self._host}"
         tmp = self.path / "tmp" / name

@@ -627,3 +627,14 @@ async def test_under_light_load_the_newest_connection_is_reused_and_the_rest_age
         assert (transport.open_connections, quits(scripted)) == (1, 2)
     finally:
         await transport.close()
+
+
+def test_a_bytearray_message_is_sent_as_the_same_bytes() -> None:
+    # Encryption's output is a bytearray: each window goes out as bytes, the same ones.
+    from gateway.smtp_out import dot_stuffed
+
+    message = b"".join(b".line %d\r\n" % n for n in range(3000)) + b"end\r\n"
+    for window in (64, 1000, 1 << 20):
+        pieces = list(dot_stuffed(bytearray(message), window))
+        assert all(type(piece) is bytes for piece in pieces)
+        assert pieces == list(dot_stuffed(message, window))

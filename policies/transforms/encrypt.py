@@ -29,6 +29,16 @@ Choices made here:
   the first 64 KiB for anything unrecognised).
 - Randomness: `random_bytes` feeds ZipCrypto's encryption headers; pyzipper draws its
   AES salts from `os.urandom` itself.
+
+Memory (spliced path, AES): a file is decoded from the raw message a window at a time
+straight into the ZIP writer, a ZIP over `SPOOL` bytes is kept in a temporary file (it
+holds only ciphertext; the message itself is already in the store), and the output is
+one buffer of its final size into which the untouched ranges are copied and each ZIP
+is base64-encoded directly. Alive at the peak: the raw message and the output, about
+twice the message, where decoding, zipping and encoding whole objects needed four.
+ZipCrypto puts the CRC in the encryption header, before the data, so it still takes
+each file whole. The output is a `bytearray` on this path (`bytes(...)` would copy it
+once more); everything that sends it takes either.
 """
 
 from __future__ import annotations
@@ -40,11 +50,12 @@ import operator
 import os
 import re
 import struct
+import tempfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 from urllib.parse import quote
 
 import pyzipper
@@ -60,6 +71,12 @@ Mode = Literal["per_file", "bundle"]
 PROTECTED_HEADER = "X-Sekisho-Protected"
 _PROBE = 64 * 1024
 _MAX_ZIP = 0xFFFFFFFF - (1 << 20)  # non-ZIP64 limit, with room for headers
+SPOOL = 1 << 20  # a ZIP larger than this is kept in a temporary file
+_WINDOW = 1 << 20  # raw base64 decoded this much at a time
+# Lines of base64 encoded at a time into the output (57 file bytes make one line).
+_LINES_AT_ONCE = 16384
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_NOT_BASE64 = bytes(sorted(set(range(256)) - set(_BASE64_ALPHABET)))
 
 
 # The method is chosen per client in the client book; one enum for both.
@@ -72,7 +89,7 @@ class EncryptError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EncryptResult:
-    data: bytes
+    data: bytes | bytearray  # the raw message itself when nothing was protected
     files: int  # attachments now inside ZIPs
     skipped: tuple[str, ...]  # already encrypted, left alone
     zip_names: tuple[str, ...]
@@ -91,6 +108,11 @@ class _Source(Protocol):
 
     def magic(self, part: Message) -> bytes: ...
 
+    def file(self, part: Message) -> tuple[int, Iterator[bytes]]:
+        """The file's size, and the file in pieces; the first piece holds at least the
+        first `_PROBE` bytes (or the whole file), for `is_compressed`."""
+        ...
+
 
 class _Parsed:
     def content(self, part: Message) -> bytes:
@@ -98,6 +120,10 @@ class _Parsed:
 
     def magic(self, part: Message) -> bytes:
         return _magic(part)
+
+    def file(self, part: Message) -> tuple[int, Iterator[bytes]]:
+        data = _content(part)
+        return len(data), iter([data])
 
 
 def _content(part: Message) -> bytes:
@@ -193,7 +219,7 @@ def _spliced(
     edits: list[Edit] = []
     if mode == "bundle":
         first = nodes[id(targets[0].part)]
-        archive = zipper.archive(targets, source.content)
+        archive = zipper.archive(targets, source)
         edits.append((first.start, first.end, _zip_part(raw, first, archive, bundle_name, nl)))
         edits += _removals([nodes[id(t.part)] for t in targets[1:]], bundle_name, nl)
         zip_names: tuple[str, ...] = (bundle_name,)
@@ -201,7 +227,7 @@ def _spliced(
         names = []
         for target in targets:  # one ZIP at a time, as in `_per_file`
             node, zip_name = nodes[id(target.part)], f"{target.entry_name}.zip"
-            archive = zipper.archive([target], source.content)
+            archive = zipper.archive([target], source)
             edits.append((node.start, node.end, _zip_part(raw, node, archive, zip_name, nl)))
             del archive
             names.append(zip_name)
@@ -230,6 +256,15 @@ class _Raw:
                 raise Unsupported("base64 that only the email package repairs") from None
         return _content(part)  # only base64 bodies are shortened in the skeleton
 
+    def file(self, part: Message) -> tuple[int, Iterator[bytes]]:
+        node = self._nodes[id(part)]
+        if node.kind != "message" and _ranges.transfer_encoding(node) == "base64":
+            size = _decoded_size(self._raw, node.body, node.end)
+            if size is not None:
+                return size, _decoded(self._raw, node.body, node.end)
+        data = self.content(part)
+        return len(data), iter([data])
+
     def magic(self, part: Message) -> bytes:
         node = self._nodes[id(part)]
         if node.kind != "message" and _ranges.transfer_encoding(node) == "base64":
@@ -241,9 +276,52 @@ class _Raw:
         return self.content(part)[:8]
 
 
-def _zip_part(
-    raw: bytes, node: Node, archive: io.BytesIO, zip_name: str, nl: bytes
-) -> list[Buffer]:
+def _decoded_size(raw: bytes, start: int, end: int) -> int | None:
+    """The size of the base64 in raw[start:end] once decoded, when it can be decoded a
+    window at a time with the same result as whole: characters outside the alphabet
+    (line breaks) are skipped either way, and padding may only end it. None otherwise
+    (the caller decodes it whole, as before)."""
+    length, padding = 0, 0
+    view = memoryview(raw)
+    for at in range(start, end, _WINDOW):
+        kept = view[at : min(end, at + _WINDOW)].tobytes().translate(None, _NOT_BASE64)
+        pad = kept.find(b"=") if not padding else 0
+        if pad >= 0:
+            if kept[pad:].strip(b"=") or padding + len(kept) - pad > 2:
+                return None  # something after the padding, or too much of it
+            padding += len(kept) - pad
+        length += len(kept)
+    if length % 4:
+        return None
+    return length // 4 * 3 - padding
+
+
+def _decoded(raw: bytes, start: int, end: int) -> Iterator[bytes]:
+    """raw[start:end]'s base64 decoded a window at a time (see `_decoded_size`), the
+    first piece holding at least `_PROBE` bytes or everything."""
+    view = memoryview(raw)
+    carry, held, started = b"", b"", False
+    for at in range(start, end, _WINDOW):
+        kept = carry + view[at : min(end, at + _WINDOW)].tobytes().translate(None, _NOT_BASE64)
+        whole = len(kept) - len(kept) % 4
+        carry = kept[whole:]
+        try:
+            piece = binascii.a2b_base64(kept[:whole])
+        except binascii.Error:
+            raise Unsupported("base64 that only the email package repairs") from None
+        if not started:
+            held += piece
+            if len(held) < _PROBE:
+                continue
+            piece, held, started = held, b"", True
+        yield piece
+    if carry:
+        raise Unsupported("base64 that only the email package repairs")
+    if held:
+        yield held
+
+
+def _zip_part(raw: bytes, node: Node, archive: IO[bytes], zip_name: str, nl: bytes) -> list[Buffer]:
     """The ZIP part that replaces `node`: its non-MIME header fields kept, byte for byte,
     and in place (as `_become_zip` does), then base64 in 76-character lines."""
     fields = [raw[start:end] for start, end in node.fields]
@@ -262,10 +340,7 @@ def _zip_part(
         .replace(b"\r\n", nl)
     )
     head = b"".join([*kept[:first_mime], new, *kept[first_mime:], nl])
-    with archive.getbuffer() as zipped:
-        body = base64_lines(zipped, nl)
-    archive.close()
-    return [head, *body]
+    return [head, _Encoded(archive, nl)]
 
 
 def _removals(removed: list[Node], note_for: str, nl: bytes) -> list[Edit]:
@@ -301,7 +376,9 @@ def _with_header(raw: bytes, root: Node, header: str, files: int, nl: bytes) -> 
     return b"".join([*kept, line])
 
 
-def _apply(raw: bytes, edits: list[Edit]) -> bytes:
+def _apply(raw: bytes, edits: list[Edit]) -> bytearray:
+    """The output, written once into a buffer of its final size: the ranges not edited
+    are copied from `raw`, each ZIP is base64-encoded straight into its place."""
     view = memoryview(raw)
     pieces: list[Buffer] = []
     cursor = 0
@@ -311,7 +388,63 @@ def _apply(raw: bytes, edits: list[Edit]) -> bytes:
         pieces += [view[cursor:start], *replacement]
         cursor = end
     pieces.append(view[cursor:])
-    return b"".join(pieces)
+    out = bytearray(sum(len(p) for p in pieces))
+    target = memoryview(out)
+    at = 0
+    for piece in pieces:
+        if isinstance(piece, _Encoded):
+            at = piece.write_into(out, at)
+        else:
+            target[at : at + len(piece)] = piece
+            at += len(piece)
+    assert at == len(out)
+    return out
+
+
+class _Encoded:
+    """A ZIP as base64 in 76-character lines (RFC 2045 §6.8), each ending in `nl`, as
+    `base64_lines` writes them, produced only when written into the output."""
+
+    def __init__(self, archive: IO[bytes], nl: bytes) -> None:
+        self._archive = archive
+        self._nl = nl
+        archive.seek(0, io.SEEK_END)
+        self._size = archive.tell()
+
+    def __len__(self) -> int:
+        encoded = (self._size + 2) // 3 * 4
+        lines, tail = divmod(encoded, 76)
+        return lines * (76 + len(self._nl)) + (tail + len(self._nl) if tail else 0)
+
+    def write_into(self, out: bytearray, at: int) -> int:
+        """Write at `at`; return where it ended. Closes the archive."""
+        archive, nl, width = self._archive, self._nl, 76 + len(self._nl)
+        np = numpy_or_none()
+        archive.seek(0)
+        try:
+            while chunk := archive.read(57 * _LINES_AT_ONCE):
+                encoded = binascii.b2a_base64(chunk, newline=False)
+                whole = len(encoded) // 76
+                if np is not None and whole:
+                    rows = np.frombuffer(out, dtype=np.uint8, count=whole * width, offset=at)
+                    rows = rows.reshape(whole, width)
+                    rows[:, :76] = np.frombuffer(encoded, dtype=np.uint8, count=whole * 76).reshape(
+                        whole, 76
+                    )
+                    rows[:, 76:] = np.frombuffer(nl, dtype=np.uint8)
+                elif whole:
+                    lines = nl.join(
+                        map(operator.itemgetter(0), _LINE.iter_unpack(encoded[: whole * 76]))
+                    )
+                    out[at : at + whole * width] = lines + nl
+                at += whole * width
+                tail = encoded[whole * 76 :]
+                if tail:  # only the last chunk: every other one is whole lines
+                    out[at : at + len(tail) + len(nl)] = tail + nl
+                    at += len(tail) + len(nl)
+        finally:
+            archive.close()
+        return at
 
 
 _LINE = struct.Struct("76s")
@@ -351,14 +484,26 @@ class _Zipper:
     def __repr__(self) -> str:
         return f"<_Zipper method={self._method.value}>"
 
-    def archive(
-        self, targets: Iterable[_Target], content: Callable[[Message], bytes] = _content
-    ) -> io.BytesIO:
-        out = io.BytesIO()
+    def archive(self, targets: Iterable[_Target], source: _Source | None = None) -> IO[bytes]:
+        """The ZIP of these files, read from `source` (the parsed parts by default):
+        in memory up to `SPOOL` bytes, in a temporary file beyond."""
+        source = source or _Parsed()
+        out: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL)  # noqa: SIM115
+        try:
+            self._write(out, targets, source)
+        except BaseException:
+            out.close()
+            raise
+        if out.tell() > _MAX_ZIP:
+            out.close()
+            raise EncryptError("protected archive larger than 4 GiB")
+        return out
+
+    def _write(self, out: IO[bytes], targets: Iterable[_Target], source: _Source) -> None:
         if self._method is ZipMethod.ZIPCRYPTO:
             writer = ZipCryptoWriter(out, self._password, random_bytes=self._random)
             for target in targets:
-                data = content(target.part)
+                data = source.content(target.part)
                 writer.add(
                     target.entry_name,
                     data,
@@ -367,28 +512,33 @@ class _Zipper:
                 )
             writer.close()
         else:
-            self._archive_aes(out, targets, content)
-        if out.tell() > _MAX_ZIP:
-            raise EncryptError("protected archive larger than 4 GiB")
-        return out
+            self._archive_aes(out, targets, source)
 
-    def _archive_aes(
-        self, out: io.BytesIO, targets: Iterable[_Target], content: Callable[[Message], bytes]
-    ) -> None:
+    def _archive_aes(self, out: IO[bytes], targets: Iterable[_Target], source: _Source) -> None:
         with pyzipper.AESZipFile(
             out, "w", encryption=pyzipper.WZ_AES, encryption_kwargs={"nbits": 256}
         ) as archive:
             archive.setpassword(self._password.encode("utf-8"))
             for target in targets:
-                data = content(target.part)
-                # zipinfo_cls (AESZipInfo): writestr would otherwise make its own, dated
-                # from the clock.
+                size, pieces = source.file(target.part)
+                first = next(pieces, b"")
+                # zipinfo_cls (AESZipInfo): it would otherwise make its own, dated from
+                # the clock.
                 info = archive.zipinfo_cls(target.entry_name, date_time=self._date_time)
                 info.external_attr = 0o600 << 16
                 info.compress_type = (
-                    pyzipper.ZIP_STORED if is_compressed(data) else pyzipper.ZIP_DEFLATED
+                    pyzipper.ZIP_STORED if is_compressed(first) else pyzipper.ZIP_DEFLATED
                 )
-                archive.writestr(info, data)
+                # What writestr does, a piece at a time, the size set first as it sets
+                # it (it decides ZIP64, and may decide the AES version).
+                info.file_size = size
+                with archive.open(info, "w") as entry:
+                    entry.write(first)
+                    del first
+                    for piece in pieces:
+                        entry.write(piece)
+                if info.file_size != size:
+                    raise EncryptError("an attachment's size changed while it was zipped")
 
 
 def _per_file(targets: list[_Target], zipper: _Zipper) -> Iterable[str]:
@@ -430,7 +580,7 @@ def _note(zip_name: str) -> Message:
     return note
 
 
-def _become_zip(part: Message, archive: io.BytesIO, zip_name: str) -> None:
+def _become_zip(part: Message, archive: IO[bytes], zip_name: str) -> None:
     """Turn `part` into the ZIP attachment, keeping its non-MIME headers in place."""
     kept = [(k, v) for k, v in part.raw_items() if not k.lower().startswith("content-")]
     first_mime = next(
@@ -448,7 +598,8 @@ def _become_zip(part: Message, archive: io.BytesIO, zip_name: str) -> None:
     for key, value in kept[:first_mime] + new + kept[first_mime:]:
         part.set_raw(key, value)
     # base64 in 76-character lines (RFC 2045 §6.8), encoded once from the ZIP buffer.
-    part.set_payload(base64.encodebytes(archive.getbuffer()).decode("ascii"))
+    archive.seek(0)
+    part.set_payload(base64.encodebytes(archive.read()).decode("ascii"))
     archive.close()
 
 

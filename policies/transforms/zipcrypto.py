@@ -28,7 +28,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import IO
 
 from policies.transforms import numpy_or_none
 
@@ -123,7 +123,7 @@ class ZipCryptoWriter:
     """
 
     def __init__(
-        self, out: BinaryIO, password: str, *, random_bytes: RandomBytes = os.urandom
+        self, out: IO[bytes], password: str, *, random_bytes: RandomBytes = os.urandom
     ) -> None:
         self._out = out
         self._keys = initial_keys(password.encode("utf-8"))  # the password is not kept
