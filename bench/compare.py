@@ -1325,7 +1325,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=None,
-        help="[delivery] workers and connections (default: the shipped 4)",
+        help="[delivery] workers and connections (default: the shipped 20)",
     )
     parser.add_argument(
         "--processes",
