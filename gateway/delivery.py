@@ -164,9 +164,10 @@ class Delivery:
             await self._release_due_delays()
         free = self._config.workers - len(self._inflight) - self._reserved
         if free <= 0:
-            if not self._inflight:
-                # Every worker is reserved for claims that intake is committing: they
-                # start when it hands them over, which wakes us.
+            if self._reserved:
+                # Workers are reserved for claims that intake is committing: they start
+                # (or the reservation ends unused) when it hands them over, which wakes
+                # us; a send in flight may take far longer to finish.
                 self._skipped = True
                 return False
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)

@@ -357,7 +357,7 @@ class GatewaySMTP(CachedInitSMTP):
             if isinstance(status, str)
             else status
         )
-        if line[3:4] == b"-":
+        if line[3:4] == b"-" and b"\n" not in line:  # one line of a reply, not all of it
             self._continued.append(line)
             return
         if self._continued:

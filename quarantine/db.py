@@ -235,7 +235,7 @@ class WriteLock:
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self.release()  # it was handed to us as we were cancelled: pass it on
-            else:
+            elif turn in queue:  # a release may already have skipped it
                 queue.remove(turn)
             raise
 

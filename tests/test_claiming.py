@@ -169,9 +169,9 @@ async def test_a_send_waiting_only_for_its_recording_does_not_make_delivery_busy
     tmp_path: Path, sqlite_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The last message's send is done with the network and waits for its outcome to
-    # be recorded (behind the next message's commit, which goes first): the next
-    # message is still handed over. Counting it as busy made every other message
-    # of one client's stream cost a claim.
+    # be recorded (here held back on purpose; in a busy store, behind the next
+    # message's commit, which goes first): the next message is still handed over.
+    # Counting it as busy made every other message of one client's stream cost a claim.
     calls = counted_claims(monkeypatch)
     original = Delivery._commit_outcomes
 

@@ -232,6 +232,24 @@ async def test_a_writer_cancelled_as_it_gets_the_lock_passes_it_on() -> None:
         lock.release()
 
 
+async def test_a_waiter_cancelled_just_before_a_release_is_skipped_and_still_cancelled() -> None:
+    from quarantine.db import WriteLock
+
+    lock = WriteLock()
+    await lock.acquire()
+    gone = asyncio.create_task(lock.acquire())
+    after = asyncio.create_task(lock.acquire())
+    await asyncio.sleep(0)  # both wait, `gone` first
+    gone.cancel()
+    lock.release()  # in the same tick: skips the cancelled turn, hands the lock on
+    with pytest.raises(asyncio.CancelledError):  # not a ValueError from its queue
+        await gone
+    await asyncio.wait_for(after, 1)
+    assert lock.locked()
+    lock.release()
+    assert not lock.locked()
+
+
 async def test_store_run_puts_a_waiting_commit_before_queued_bookkeeping(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'order.db'}")
     order: list[str] = []

@@ -216,26 +216,34 @@ def _spliced(
     if any(nodes[id(t.part)] is root for t in targets):
         raise Unsupported("the message itself is the attachment")
     nl = b"\r\n" if raw.find(b"\n") > 0 and raw[raw.find(b"\n") - 1] == 0x0D else b"\n"
-    edits: list[Edit] = []
-    if mode == "bundle":
-        first = nodes[id(targets[0].part)]
-        archive = zipper.archive(targets, source)
-        edits.append((first.start, first.end, _zip_part(raw, first, archive, bundle_name, nl)))
-        edits += _removals([nodes[id(t.part)] for t in targets[1:]], bundle_name, nl)
-        zip_names: tuple[str, ...] = (bundle_name,)
-    else:
-        names = []
-        for target in targets:  # one ZIP at a time, as in `_per_file`
-            node, zip_name = nodes[id(target.part)], f"{target.entry_name}.zip"
-            archive = zipper.archive([target], source)
-            edits.append((node.start, node.end, _zip_part(raw, node, archive, zip_name, nl)))
-            del archive
-            names.append(zip_name)
-        zip_names = tuple(names)
-    if header is not None:
-        block = _with_header(raw, root, header, len(targets), nl)
-        edits.append((root.start, root.header_end, [block]))
-    return EncryptResult(_apply(raw, edits), len(targets), skipped, zip_names)
+    archives: list[IO[bytes]] = []  # closed (their temporary files gone) whatever happens
+    try:
+        edits: list[Edit] = []
+        if mode == "bundle":
+            first = nodes[id(targets[0].part)]
+            archives.append(zipper.archive(targets, source))
+            edits.append(
+                (first.start, first.end, _zip_part(raw, first, archives[-1], bundle_name, nl))
+            )
+            edits += _removals([nodes[id(t.part)] for t in targets[1:]], bundle_name, nl)
+            zip_names: tuple[str, ...] = (bundle_name,)
+        else:
+            names = []
+            for target in targets:  # one ZIP at a time, as in `_per_file`
+                node, zip_name = nodes[id(target.part)], f"{target.entry_name}.zip"
+                archives.append(zipper.archive([target], source))
+                edits.append(
+                    (node.start, node.end, _zip_part(raw, node, archives[-1], zip_name, nl))
+                )
+                names.append(zip_name)
+            zip_names = tuple(names)
+        if header is not None:
+            block = _with_header(raw, root, header, len(targets), nl)
+            edits.append((root.start, root.header_end, [block]))
+        return EncryptResult(_apply(raw, edits), len(targets), skipped, zip_names)
+    finally:
+        for archive in archives:
+            archive.close()
 
 
 class _Raw:
@@ -538,7 +546,7 @@ class _Zipper:
                     for piece in pieces:
                         entry.write(piece)
                 if info.file_size != size:
-                    raise EncryptError("an attachment's size changed while it was zipped")
+                    raise Unsupported("an attachment's decoded size was not what it counted")
 
 
 def _per_file(targets: list[_Target], zipper: _Zipper) -> Iterable[str]:

@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import os
+import tempfile
 import tracemalloc
 
 import pytest
@@ -163,3 +164,25 @@ def test_a_large_attachment_streams_into_a_zip_that_opens_as_writestr_made_it(
             written.wz_aes_version,
             written.file_size,
         )
+
+
+def test_zips_already_made_are_closed_when_a_later_attachment_needs_the_full_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[tempfile.SpooledTemporaryFile[bytes]] = []
+
+    class Tracked(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(encrypt.tempfile, "SpooledTemporaryFile", Tracked)
+    monkeypatch.setattr(encrypt, "SPOOL", 64 << 10)
+    good = os.urandom(300_000)
+    raw = _message({"good.bin": good, "bad.bin": b"x"})
+    # bad.bin's base64 is cut short (2 characters of 4): only the email package's
+    # lenient decode takes it, so the splice gives way after good.bin's ZIP is made.
+    raw = raw.replace(base64.encodebytes(b"x").replace(b"\n", b"\r\n"), b"eA\r\n")
+    result = encrypt_attachments(raw, password=PASSWORD, method=ZipMethod.AES256, date_time=DATE)
+    assert result.files == 2 and isinstance(result.data, bytes)  # the full parse made it
+    assert len(made) >= 3 and all(f.closed for f in made)
