@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -35,6 +36,17 @@ from policies.units import parse_duration, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _longer_than_zero(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be longer than 0s")
+    return value
+
+
+# A wait or period of zero would make its loop spin (a lease renewed, a poll, a retry
+# at once, again and again): refused where the config is read.
+PositiveDuration = Annotated[Duration, AfterValidator(_longer_than_zero)]
 
 
 class ConfigError(Exception):
@@ -124,7 +136,7 @@ class SmtpConfig(_Section):
     max_recipients: int = Field(default=100, ge=1, le=100_000)
     max_connections: int = Field(default=500, ge=1)
     max_errors: int = Field(default=20, ge=1)
-    idle_timeout: Duration = timedelta(minutes=5)  # RFC 5321 §4.5.3.2.7
+    idle_timeout: PositiveDuration = timedelta(minutes=5)  # RFC 5321 §4.5.3.2.7
     auth: AuthMode = AuthMode.OPTIONAL
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls_cert: Path | None = None
@@ -214,13 +226,13 @@ class DeliveryConfig(_Section):
     workers: int = Field(default=20, ge=1, le=256)
     connections: int = Field(default=20, ge=1, le=256)
     pipelining: bool = True
-    idle_close: Duration = timedelta(seconds=10)
-    timeout: Duration = timedelta(seconds=60)
-    retry_initial: Duration = timedelta(minutes=1)
+    idle_close: PositiveDuration = timedelta(seconds=10)
+    timeout: PositiveDuration = timedelta(seconds=60)
+    retry_initial: PositiveDuration = timedelta(minutes=1)
     retry_max: Duration = timedelta(hours=1)
     bounce_after: Duration = timedelta(days=5)
-    lease: Duration = timedelta(minutes=5)
-    poll_interval: Duration = timedelta(seconds=1)
+    lease: PositiveDuration = timedelta(minutes=5)
+    poll_interval: PositiveDuration = timedelta(seconds=1)
     verify_certificate: bool = True
 
     @model_validator(mode="after")
@@ -239,8 +251,6 @@ class DeliveryConfig(_Section):
             )
         if self.retry_initial > self.retry_max:
             raise ValueError("retry_initial is longer than retry_max")
-        if self.idle_close <= timedelta(0):
-            raise ValueError("idle_close must be longer than 0s")
         return self
 
 

@@ -90,7 +90,8 @@ def add_messages(
 ) -> list[Claim]:
     """Insert several messages in three statements whatever their number and their
     recipients': this is the hot path of every accepted message (group commit).
-    Return the claims of the messages `lease` names (one more statement)."""
+    Return the claims of the messages `lease` names (their recipients' ids come back
+    from the insert itself)."""
     session.execute(insert(_MESSAGES), [_message_row(new, now) for new, now in batch])
     streamed = session.get_bind().dialect.driver == "pysqlite"
     large = {new.id: new.raw for new, _ in batch if streamed and len(new.raw) >= STREAMED_BODY}
@@ -104,37 +105,37 @@ def add_messages(
         for row in rows:
             if row["message_id"] in lease.message_ids:
                 row["lease_owner"], row["lease_expires_at"] = lease.owner, lease.until
-    session.execute(insert(_RECIPIENTS), rows)
     if lease is None:
+        session.execute(insert(_RECIPIENTS), rows)
         return []
-    return _new_claims(session, [(n, now) for n, now in batch if n.id in lease.message_ids])
+    ids = session.scalars(_INSERT_RECIPIENTS_RETURNING, rows).all()
+    return _new_claims(batch, lease, rows, ids)
 
 
-_NEW_RECIPIENTS = (
-    select(_recipients.id, _recipients.message_id, _recipients.address, _recipients.domain)
-    .where(_recipients.message_id.in_(bindparam("ids", expanding=True)))
-    .order_by(_recipients.id)
+_INSERT_RECIPIENTS_RETURNING = insert(_RECIPIENTS).returning(
+    _recipients.id, sort_by_parameter_order=True
 )
 
 
-def _new_claims(session: Session, batch: Sequence[tuple[NewMessage, datetime]]) -> list[Claim]:
+def _new_claims(
+    batch: Sequence[tuple[NewMessage, datetime]],
+    lease: Lease,
+    rows: Sequence[dict[str, Any]],
+    ids: Sequence[int],
+) -> list[Claim]:
     """The claims of just-inserted, leased messages, as `claim_due` would build them,
-    from what the caller already holds: only the recipients' ids are read back."""
-    found: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    for rid, message_id, address, domain in session.execute(
-        _NEW_RECIPIENTS, {"ids": [new.id for new, _ in batch]}
-    ):
-        found[message_id].append((rid, address, domain))
-    claims: list[Claim] = []
-    for new, now in batch:
-        groups: dict[str, list[ClaimedRecipient]] = defaultdict(list)
-        for rid, address, domain in found[new.id]:
-            groups[domain].append(ClaimedRecipient(rid, address, 0, now))
-        claims.extend(
-            Claim(new.id, new.mail_from, new.kind, now, new.verdict, domain, tuple(r), new.raw)
-            for domain, r in groups.items()
-        )
-    return claims
+    from what the caller already holds and the ids the insert returned, row for row."""
+    found: dict[str, dict[str, list[ClaimedRecipient]]] = defaultdict(lambda: defaultdict(list))
+    for row, rid in zip(rows, ids, strict=True):
+        if row["message_id"] in lease.message_ids:
+            found[row["message_id"]][row["domain"]].append(
+                ClaimedRecipient(rid, row["address"], 0, row["updated_at"])
+            )
+    return [
+        Claim(new.id, new.mail_from, new.kind, now, new.verdict, domain, tuple(r), new.raw)
+        for new, now in batch
+        for domain, r in found.get(new.id, {}).items()
+    ]
 
 
 def transactions_of(new: NewMessage) -> int:
@@ -498,6 +499,8 @@ async def hold_message(
     dropped; claims skip recipients of any message that is not queued, so nothing
     more leaves until someone approves it.
     """
+    if ours and owner is None:  # `lease_owner == None` would match none of them
+        raise ValueError("hold_message: `ours` needs the `owner` whose leases they are")
     mine = and_(Recipient.id.in_(ours), Recipient.lease_owner == owner)
     message = await session.get(Message, message_id, with_for_update=True)
     if message is not None and message.state is MessageState.HELD and ours:

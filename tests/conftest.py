@@ -17,6 +17,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
+from quarantine.repository import NewMessage
+from quarantine.states import MessageState
 
 PG_URL = os.environ.get("SEKISHO_TEST_PG_URL")
 PG_SKIP = "PostgreSQL tests need SEKISHO_TEST_PG_URL (e.g. postgresql://postgres@127.0.0.1/test)"
@@ -186,6 +188,39 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Gateway]:
         yield gateway
     finally:
         await gateway.stop(grace=2)
+
+
+MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def queued(
+    message_id: str, *rcpts: str, raw: bytes = MESSAGE, sender: str = "alice@example.com"
+) -> NewMessage:
+    """A message as intake stores one that passed the rules: queued for delivery."""
+    return NewMessage(
+        id=message_id,
+        mail_from=sender,
+        rcpt_tos=list(rcpts),
+        raw=raw,
+        state=MessageState.QUEUED,
+        verdict={},
+    )
+
+
+async def submit(
+    gw: Gateway, rcpts: list[str], message: bytes = MESSAGE, sender: str = "alice@example.com"
+) -> None:
+    """One message through the gateway's SMTP port, as a mail client sends it."""
+    import aiosmtplib
+
+    await aiosmtplib.send(
+        message,
+        sender=sender,
+        recipients=rcpts,
+        hostname="127.0.0.1",
+        port=gw.smtp_port,
+        start_tls=False,
+    )
 
 
 def iso2022jp_message(sender: str = "alice@example.com", to: str = "bob@client.example") -> bytes:

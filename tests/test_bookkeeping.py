@@ -25,9 +25,15 @@ from quarantine.migrate import upgrade
 from quarantine.models import Message, Recipient
 from quarantine.repository import NewMessage, OutcomeRow
 from quarantine.states import MessageState, RecipientState
-from tests.conftest import gateway_config, running
+from tests.conftest import MESSAGE, gateway_config, queued, running
 
-MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
+
+async def _claim(
+    store: Store, owner: str, now: datetime, lease: timedelta = timedelta(minutes=1)
+) -> list[repo.Claim]:
+    return await store.run(
+        partial(repo.claim_due, owner=owner, now=now, lease=lease, limit=10), durable=False
+    )
 
 
 def _setting_query(store: Store) -> Any:
@@ -64,14 +70,7 @@ async def test_accepting_is_fsynced_and_delivery_bookkeeping_is_not(
 async def test_a_hot_path_transaction_is_all_or_nothing(store_url: str) -> None:
     store = Store(store_url)
     now = datetime.now(UTC)
-    new = NewMessage(
-        id="m1",
-        mail_from="alice@example.com",
-        rcpt_tos=["a@x.example"],
-        raw=MESSAGE,
-        state=MessageState.QUEUED,
-        verdict={},
-    )
+    new = queued("m1", "a@x.example")
 
     def add_then_fail(session: Any) -> None:
         repo.add_messages(session, [(new, now)])
@@ -109,25 +108,12 @@ async def test_an_outcome_is_kept_only_while_its_lease_is_held(store_url: str) -
     now = datetime.now(UTC)
     try:
         await upgrade(store)
-        new = NewMessage(
-            id="m1",
-            mail_from="alice@example.com",
-            rcpt_tos=["a@x.example", "b@x.example"],
-            raw=MESSAGE,
-            state=MessageState.QUEUED,
-            verdict={},
-        )
+        new = queued("m1", "a@x.example", "b@x.example")
         await store.run(lambda session: repo.add_messages(session, [(new, now)]))
-        (claim,) = await store.run(
-            partial(repo.claim_due, owner="w1", now=now, lease=timedelta(seconds=1), limit=10),
-            durable=False,
-        )
+        (claim,) = await _claim(store, "w1", now, timedelta(seconds=1))
         a, b = claim.recipients
         later = now + timedelta(seconds=2)  # w1's lease ran out and w2 took both over
-        (retaken,) = await store.run(
-            partial(repo.claim_due, owner="w2", now=later, lease=timedelta(minutes=1), limit=10),
-            durable=False,
-        )
+        (retaken,) = await _claim(store, "w2", later)
         assert {r.id for r in retaken.recipients} == {a.id, b.id}
         async with store.transaction() as session:
             await session.execute(
@@ -280,14 +266,7 @@ async def test_bodies_round_trip_byte_for_byte_around_the_streaming_size(
     bodies = {name: (pattern * (size // 256 + 1))[:size] for name, size in sizes.items()}
     batch = [
         (
-            NewMessage(
-                id=name,
-                mail_from="alice@example.com",
-                rcpt_tos=["a@x.example"],
-                raw=body,
-                state=MessageState.QUEUED,
-                verdict={},
-            ),
+            queued(name, "a@x.example", raw=body),
             now,
         )
         for name, body in bodies.items()
@@ -309,21 +288,11 @@ async def test_a_hold_at_delivery_leaves_the_other_domains_send_in_flight(store_
     # its lease, so B's result is recorded, not dropped (and sent again on approval).
     store = Store(store_url)
     now = datetime.now(UTC)
-    new = NewMessage(
-        id="m1",
-        mail_from="alice@example.com",
-        rcpt_tos=["a@a.example", "b@b.example"],
-        raw=MESSAGE,
-        state=MessageState.QUEUED,
-        verdict={},
-    )
+    new = queued("m1", "a@a.example", "b@b.example")
     try:
         await upgrade(store)
         await store.run(lambda session: repo.add_messages(session, [(new, now)]))
-        claims = await store.run(
-            partial(repo.claim_due, owner="gw", now=now, lease=timedelta(minutes=1), limit=10),
-            durable=False,
-        )
+        claims = await _claim(store, "gw", now)
         by_domain = {c.domain: c for c in claims}
         a, b = by_domain["a.example"], by_domain["b.example"]
         async with store.transaction(durable=False) as session:
@@ -364,14 +333,7 @@ async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuse
         return original(session, batch, lease)
 
     def message(mid: str) -> NewMessage:
-        return NewMessage(
-            id=mid,
-            mail_from="a@example.com",
-            rcpt_tos=["b@x.example"],
-            raw=MESSAGE,
-            state=MessageState.QUEUED,
-            verdict={},
-        )
+        return queued(mid, "b@x.example", sender="a@example.com")
 
     try:
         await upgrade(store)
@@ -411,14 +373,7 @@ async def test_a_commit_still_running_when_the_grace_ends_answers_its_client(
         committer = GroupCommitter(store)
         first = asyncio.create_task(
             committer.commit(
-                NewMessage(
-                    id="m1",
-                    mail_from="a@example.com",
-                    rcpt_tos=["b@x.example"],
-                    raw=MESSAGE,
-                    state=MessageState.QUEUED,
-                    verdict={},
-                ),
+                queued("m1", "b@x.example", sender="a@example.com"),
                 now,
             )
         )
@@ -438,21 +393,11 @@ async def test_a_second_claim_failing_on_a_held_message_puts_its_recipients_to_w
     # due under a lease that runs out (nothing would ever send or end it).
     store = Store(store_url)
     now = datetime.now(UTC)
-    new = NewMessage(
-        id="m1",
-        mail_from="alice@example.com",
-        rcpt_tos=["a@a.example", "b@b.example"],
-        raw=MESSAGE,
-        state=MessageState.QUEUED,
-        verdict={},
-    )
+    new = queued("m1", "a@a.example", "b@b.example")
     try:
         await upgrade(store)
         await store.run(lambda session: repo.add_messages(session, [(new, now)]))
-        claims = await store.run(
-            partial(repo.claim_due, owner="gw", now=now, lease=timedelta(minutes=1), limit=10),
-            durable=False,
-        )
+        claims = await _claim(store, "gw", now)
         held = []
         for claim in claims:
             async with store.transaction(durable=False) as session:
@@ -482,26 +427,13 @@ async def test_a_hold_leaves_recipients_whose_lease_another_worker_took_to_that_
     # w2's result is recorded instead of dropped (and the mail sent again on approval).
     store = Store(store_url)
     now = datetime.now(UTC)
-    new = NewMessage(
-        id="m1",
-        mail_from="alice@example.com",
-        rcpt_tos=["a@a.example"],
-        raw=MESSAGE,
-        state=MessageState.QUEUED,
-        verdict={},
-    )
+    new = queued("m1", "a@a.example")
     try:
         await upgrade(store)
         await store.run(lambda session: repo.add_messages(session, [(new, now)]))
-        (first,) = await store.run(
-            partial(repo.claim_due, owner="w1", now=now, lease=timedelta(seconds=1), limit=10),
-            durable=False,
-        )
+        (first,) = await _claim(store, "w1", now, timedelta(seconds=1))
         later = now + timedelta(seconds=2)
-        (second,) = await store.run(
-            partial(repo.claim_due, owner="w2", now=later, lease=timedelta(minutes=1), limit=10),
-            durable=False,
-        )
+        (second,) = await _claim(store, "w2", later)
         async with store.transaction(durable=False) as session:
             held = await repo.hold_message(
                 session,
@@ -522,3 +454,24 @@ async def test_a_hold_leaves_recipients_whose_lease_another_worker_took_to_that_
     assert held
     assert kept == {second.recipients[0].id}
     assert state == RecipientState.DELIVERED
+
+
+async def test_a_hold_naming_its_recipients_must_name_their_lease_owner(store_url: str) -> None:
+    store = Store(store_url)
+    now = datetime.now(UTC)
+    try:
+        await upgrade(store)
+        await store.run(
+            lambda session: repo.add_messages(session, [(queued("m1", "a@a.example"), now)])
+        )
+        (claim,) = await _claim(store, "gw", now)
+        with pytest.raises(ValueError, match="owner"):
+            async with store.transaction(durable=False) as session:
+                await repo.hold_message(
+                    session, "m1", "protection-failed", now, ours=[r.id for r in claim.recipients]
+                )
+        async with store.read() as session:
+            state = await session.scalar(select(Message.state))
+    finally:
+        await store.close()
+    assert state == MessageState.QUEUED  # nothing half done

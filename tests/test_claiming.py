@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 from sqlalchemy import select
 
@@ -21,22 +20,8 @@ from gateway.app import Gateway
 from gateway.delivery import Delivery
 from quarantine import repository as repo
 from quarantine.models import Message, Recipient
-from quarantine.repository import NewMessage
 from quarantine.states import MessageState, RecipientState
-from tests.conftest import Upstream, gateway_config, running
-
-MESSAGE = b"From: alice@example.com\r\nTo: bob@client.example\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-def queued(message_id: str, rcpt: str = "b@client.example") -> NewMessage:
-    return NewMessage(
-        id=message_id,
-        mail_from="alice@example.com",
-        rcpt_tos=[rcpt],
-        raw=MESSAGE,
-        state=MessageState.QUEUED,
-        verdict={},
-    )
+from tests.conftest import Upstream, gateway_config, queued, running, submit
 
 
 def counted_claims(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[int]:
@@ -54,17 +39,6 @@ def counted_claims(monkeypatch: pytest.MonkeyPatch, after: Any = None) -> list[i
 
     monkeypatch.setattr(repo, "claim_due", claim_due)
     return calls
-
-
-async def send(gw: Gateway, rcpts: list[str]) -> None:
-    await aiosmtplib.send(
-        MESSAGE,
-        sender="alice@example.com",
-        recipients=rcpts,
-        hostname="127.0.0.1",
-        port=gw.smtp_port,
-        start_tls=False,
-    )
 
 
 async def delivered(gw: Gateway, count: int) -> None:
@@ -93,7 +67,7 @@ async def test_a_message_accepted_while_a_worker_is_free_needs_no_claim(
         await asyncio.sleep(0.2)  # the first round at start finds nothing
         before = len(calls)
         for n in range(3):
-            await send(gw, [f"r{n}@client.example", f"s{n}@other.example"])
+            await submit(gw, [f"r{n}@client.example", f"s{n}@other.example"])
             await upstream.wait_for(2 * (n + 1), timeout=5)
             await delivered(gw, n + 1)  # idle again: recorded, nothing in flight
         await asyncio.sleep(0.2)
@@ -119,7 +93,10 @@ async def test_a_handed_over_send_holds_its_lease_while_it_runs(
     upstream.delay = 0.5
     config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
-        await send(gw, ["r@client.example"])
+        # the first round at start finds nothing; a commit during it is left to the next
+        # round, which need not have claimed by the time this reads
+        await asyncio.sleep(0.2)
+        await submit(gw, ["r@client.example"])
         async with gw.store.read() as session:
             owner, until = (
                 await session.execute(select(Recipient.lease_owner, Recipient.lease_expires_at))
@@ -155,7 +132,7 @@ async def test_while_delivery_is_busy_new_mail_waits_for_its_next_claim(
         await asyncio.sleep(0.2)
         before = len(calls)
         for rcpt in ("a", "b", "c"):
-            await send(gw, [f"{rcpt}@client.example"])
+            await submit(gw, [f"{rcpt}@client.example"])
         received = await upstream.wait_for(3, timeout=5)
     assert sorted(r.rcpt_tos[0] for r in received) == [
         "a@client.example",
@@ -185,7 +162,7 @@ async def test_a_send_waiting_only_for_its_recording_does_not_make_delivery_busy
         await asyncio.sleep(0.2)
         before = len(calls)
         for n in range(3):
-            await send(gw, [f"r{n}@client.example"])
+            await submit(gw, [f"r{n}@client.example"])
             await upstream.wait_for(n + 1, timeout=5)  # sent; its recording still waits
         await delivered(gw, 3)
     assert calls[before:] == []
@@ -206,7 +183,7 @@ async def test_claims_lost_after_the_commit_are_claimed_when_their_lease_runs_ou
         tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "100ms", "lease": "1s"}
     )
     async with running(config) as gw:
-        await send(gw, ["r@client.example"])
+        await submit(gw, ["r@client.example"])
         await asyncio.sleep(0.5)
         assert upstream.received == []  # leased to nobody working on it: not yet
         received = await upstream.wait_for(1, timeout=5)
@@ -223,7 +200,7 @@ async def test_one_message_at_a_time_costs_one_claim_each(
         await asyncio.sleep(0.2)  # the first round at start finds nothing
         before = len(calls)
         for n in range(5):
-            await send(gw, [f"r{n}@client.example"])
+            await submit(gw, [f"r{n}@client.example"])
             await upstream.wait_for(n + 1, timeout=5)
         await asyncio.sleep(0.2)  # a claim after the last send would show here
     # Each message is claimed by the round its queuing woke; a claim that took less
@@ -273,7 +250,7 @@ async def test_more_recipients_than_one_claim_takes_are_sent_without_waiting_for
     )
     rcpts = [f"r{n}@client.example" for n in range(45)]
     async with running(config) as gw:
-        await send(gw, rcpts)
+        await submit(gw, rcpts)
         received = await upstream.wait_for(45, timeout=5)
     assert sorted(a for r in received for a in r.rcpt_tos) == sorted(rcpts)
     assert max(calls) == 1 and len(received) >= 3  # 20 + 20 + 5 (or less at a time)
@@ -307,8 +284,12 @@ async def test_a_committer_fault_answers_each_client_and_the_next_commit_works(
         await upgrade(store)
         committer = GroupCommitter(store, handoff=Faulty())
         with pytest.raises(RuntimeError, match="injected"):
-            await asyncio.wait_for(committer.commit(queued("m1"), datetime.now(UTC)), 5)
-        handed = await asyncio.wait_for(committer.commit(queued("m2"), datetime.now(UTC)), 5)
+            await asyncio.wait_for(
+                committer.commit(queued("m1", "b@client.example"), datetime.now(UTC)), 5
+            )
+        handed = await asyncio.wait_for(
+            committer.commit(queued("m2", "b@client.example"), datetime.now(UTC)), 5
+        )
         await committer.close()
         async with store.read() as session:
             stored = (await session.scalars(select(Message.id))).all()
@@ -329,7 +310,7 @@ async def test_mail_accepted_during_a_claiming_round_is_left_to_the_next_round(
     def accept_one_meanwhile(session: Any, claims: list[repo.Claim]) -> None:
         if claims or not gateways or sending:
             return
-        sending.append(asyncio.run_coroutine_threadsafe(send(gateways[0], ["m@x.example"]), loop))
+        sending.append(asyncio.run_coroutine_threadsafe(submit(gateways[0], ["m@x.example"]), loop))
         time.sleep(0.3)  # intake inspects and reaches its commit while this round runs
 
     calls = counted_claims(monkeypatch, after=accept_one_meanwhile)

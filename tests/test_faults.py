@@ -186,22 +186,28 @@ async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothin
     ) -> Any:
         if not failures:
             return original(session, batch, lease)
-        # The message and body rows are written; the disk fills before the recipients.
-        real_execute = session.execute
+        # The message and body rows are written; the disk fills before the recipients
+        # (the third statement, run by execute or, returning ids, by scalars).
+        real = {"execute": session.execute, "scalars": session.scalars}
         calls = 0
 
-        def execute(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise failures.pop()
-            return real_execute(*args, **kwargs)
+        def failing(name: str) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 3:
+                    raise failures.pop()
+                return real[name](*args, **kwargs)
 
-        session.execute = execute  # type: ignore[method-assign]
+            return run
+
+        for name in real:
+            setattr(session, name, failing(name))
         try:
             return original(session, batch, lease)
         finally:
-            session.execute = real_execute  # type: ignore[method-assign]
+            for name, method in real.items():
+                setattr(session, name, method)
 
     monkeypatch.setattr(repository, "add_messages", fail_between_statements)
     config = gateway_config(tmp_path, store_url, upstream.port)

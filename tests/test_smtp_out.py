@@ -584,9 +584,17 @@ async def test_pipelining_off_in_the_config_sends_one_command_per_read(scripted:
     assert [r.count(b"\r\n") for r in scripted.envelope_reads()] == [1, 1, 1]
 
 
-def test_idle_close_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="idle_close must be longer than 0s"):
-        DeliveryConfig.model_validate({"upstream": "smtp://127.0.0.1:25", "idle_close": "0s"})
+@pytest.mark.parametrize(
+    "key", ["idle_close", "timeout", "retry_initial", "lease", "poll_interval"]
+)
+def test_delivery_waits_and_periods_must_be_positive(key: str) -> None:
+    # A zero lease, say, would have the lease keeper renew in a loop that never sleeps.
+    from gateway.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"delivery": {"upstream": "smtp://127.0.0.1:25", key: "0s"}, "smtp": {}})
+    assert f"delivery.{key}: must be longer than 0s" in refused.value.problems
+    DeliveryConfig.model_validate({"upstream": "smtp://127.0.0.1:25", key: "1s"})
 
 
 def quits(server: Scripted) -> int:

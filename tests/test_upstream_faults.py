@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from quarantine import repository as repo
 from quarantine.models import Recipient
-from tests.conftest import Upstream, gateway_config, running
+from tests.conftest import Upstream, gateway_config, running, submit
 
 MESSAGE = b"From: alice@example.com\r\nTo: x@client.example\r\nSubject: report\r\n\r\nbody\r\n"
 
@@ -26,14 +26,7 @@ async def test_upstream_451_is_retried_and_delivered_once_it_answers_250(
     upstream.data_reply = lambda: answers.pop(0) if answers else None
     config = gateway_config(tmp_path, store_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(
-            MESSAGE,
-            sender="alice@example.com",
-            recipients=["x@client.example"],
-            hostname="127.0.0.1",
-            port=gw.smtp_port,
-            start_tls=False,
-        )
+        await submit(gw, ["x@client.example"], MESSAGE)
         received = await upstream.wait_for(1, timeout=15)
         for _ in range(100):  # the outcome is committed just after the upstream's 250
             async with gw.store.read() as session:
@@ -57,14 +50,7 @@ async def test_upstream_550_for_one_of_two_recipients_sends_a_dsn_and_delivers_t
     )
     config = gateway_config(tmp_path, store_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(
-            MESSAGE,
-            sender="alice@example.com",
-            recipients=["ok@client.example", "gone@client.example"],
-            hostname="127.0.0.1",
-            port=gw.smtp_port,
-            start_tls=False,
-        )
+        await submit(gw, ["ok@client.example", "gone@client.example"], MESSAGE)
         received = await upstream.wait_for(2, timeout=10)
     original = [r for r in received if r.mail_from == "alice@example.com"]
     bounces = [r for r in received if r.mail_from == ""]
@@ -84,14 +70,7 @@ async def test_a_bounce_never_bounces(tmp_path: Path, sqlite_url: str, upstream:
     upstream.rcpt_reply = lambda a: "550 5.1.1 no such user"
     config = gateway_config(tmp_path, sqlite_url, upstream.port)
     async with running(config) as gw:
-        await aiosmtplib.send(
-            MESSAGE,
-            sender="alice@example.com",
-            recipients=["x@client.example"],
-            hostname="127.0.0.1",
-            port=gw.smtp_port,
-            start_tls=False,
-        )
+        await submit(gw, ["x@client.example"], MESSAGE)
         for _ in range(100):
             await asyncio.sleep(0.05)
             async with gw.store.read() as session:
@@ -119,14 +98,7 @@ async def test_upstream_refusing_connections_defers_without_bouncing(
         dead_port = probe.getsockname()[1]
     config = gateway_config(tmp_path, sqlite_url, dead_port)
     async with running(config) as gw:
-        await aiosmtplib.send(
-            MESSAGE,
-            sender="alice@example.com",
-            recipients=["x@client.example"],
-            hostname="127.0.0.1",
-            port=gw.smtp_port,
-            start_tls=False,
-        )
+        await submit(gw, ["x@client.example"], MESSAGE)
         await asyncio.sleep(1.0)
         async with gw.store.read() as session:
             row = (await session.scalars(select(Recipient))).one()
@@ -201,14 +173,7 @@ async def test_a_send_that_outlasts_its_lease_keeps_it_and_goes_out_once(
         tmp_path, store_url, upstream.port, delivery={"lease": "1s", "timeout": "20s"}
     )
     async with running(config) as gw:
-        await aiosmtplib.send(
-            MESSAGE,
-            sender="alice@example.com",
-            recipients=["x@client.example"],
-            hostname="127.0.0.1",
-            port=gw.smtp_port,
-            start_tls=False,
-        )
+        await submit(gw, ["x@client.example"], MESSAGE)
         await asyncio.sleep(2.0)  # twice the lease, and the send is still going
         now = datetime.now(UTC)
         stolen = await gw.store.run(

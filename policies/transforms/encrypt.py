@@ -55,7 +55,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Literal, Protocol, TypeAlias
 from urllib.parse import quote
 
 import pyzipper
@@ -197,7 +197,7 @@ def _select(message: Message, source: _Source) -> tuple[list[_Target], tuple[str
     return targets, tuple(skipped)
 
 
-Buffer = bytes | memoryview | Any  # Any: a numpy array's buffer, joined without a copy
+Buffer: TypeAlias = "bytes | memoryview | _Encoded"  # _Encoded: written only into the output
 Edit = tuple[int, int, list[Buffer]]  # replace raw[start:end] with these pieces
 
 
@@ -405,13 +405,18 @@ def _apply(raw: bytes, edits: list[Edit]) -> bytearray:
         else:
             target[at : at + len(piece)] = piece
             at += len(piece)
-    assert at == len(out)
+    if at != len(out):  # a length worked out wrong: never send zero padding
+        raise Unsupported("the output is not the length it was counted to be")
     return out
+
+
+_LINE = struct.Struct("76s")
 
 
 class _Encoded:
     """A ZIP as base64 in 76-character lines (RFC 2045 §6.8), each ending in `nl`, as
-    `base64_lines` writes them, produced only when written into the output."""
+    `base64.encodebytes` writes them but without a Python step per line, produced only
+    when written into the output."""
 
     def __init__(self, archive: IO[bytes], nl: bytes) -> None:
         self._archive = archive
@@ -453,29 +458,6 @@ class _Encoded:
         finally:
             archive.close()
         return at
-
-
-_LINE = struct.Struct("76s")
-
-
-def base64_lines(data: bytes | memoryview, nl: bytes = b"\r\n") -> list[Buffer]:
-    """Base64 in 76-character lines (RFC 2045 §6.8), each ending in `nl`, as
-    `base64.encodebytes` writes them but without a Python step per line; returned as
-    pieces to join, so the encoded file is copied once more at most."""
-    encoded = binascii.b2a_base64(data, newline=False)
-    whole = len(encoded) // 76
-    lines: Buffer
-    np = numpy_or_none()
-    if np is not None:
-        rows = np.empty((whole, 76 + len(nl)), dtype=np.uint8)
-        rows[:, :76] = np.frombuffer(encoded, dtype=np.uint8, count=whole * 76).reshape(whole, 76)
-        rows[:, 76:] = np.frombuffer(nl, dtype=np.uint8)
-        lines = rows.reshape(-1)
-    else:
-        lines = nl.join(map(operator.itemgetter(0), _LINE.iter_unpack(encoded[: whole * 76])))
-        lines += nl if whole else b""
-    tail = encoded[whole * 76 :]
-    return [lines, tail, nl] if tail else [lines]
 
 
 class _Zipper:

@@ -501,5 +501,10 @@ def test_base64_lines_are_those_of_encodebytes() -> None:
     for size in (0, 1, 56, 57, 58, 114, 10_000):
         data = random.Random(size).randbytes(size)
         expected = base64.encodebytes(data)
-        assert b"".join(encrypt.base64_lines(data, b"\n")) == expected
-        assert b"".join(encrypt.base64_lines(data)) == expected.replace(b"\n", b"\r\n")
+        for nl in (b"\n", b"\r\n"):
+            archive = encrypt.tempfile.SpooledTemporaryFile()
+            archive.write(data)
+            encoded = encrypt._Encoded(archive, nl)
+            out = bytearray(len(encoded))
+            assert encoded.write_into(out, 0) == len(out)
+            assert out == expected.replace(b"\n", nl)
