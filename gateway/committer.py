@@ -9,6 +9,8 @@ With a `Handoff` (delivery), the commit also leases the recipients of queued mes
 to this gateway's delivery, as far as it has free workers, and hands it their claims:
 a message's first send needs no claiming transaction and no second read of its body
 (Postfix's queue manager, too, takes new mail straight from the incoming queue).
+The same commit carries the outcomes delivery has waiting to be recorded (`Ride`):
+while mail arrives, recording a send costs no transaction of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
+
+from sqlalchemy.orm import Session
 
 from quarantine import repository as repo
 from quarantine.db import Store
@@ -32,6 +36,20 @@ MAX_BATCH = 64
 
 class Closed(Exception):
     """The committer is closing: the message was not stored (the client hears 451)."""
+
+
+class Ride(Protocol):
+    """Delivery's outcomes waiting to be recorded, carried by an intake commit."""
+
+    def apply(self, session: Session) -> None:
+        """Record them in the commit's transaction, in a savepoint of their own: a
+        failure here is kept for `settle`, never raised, so the messages still commit."""
+        ...
+
+    def settle(self, committed: bool) -> None:
+        """After the commit: tell the sends their outcomes are recorded, or give the
+        outcomes back to delivery's own recorder (not committed, or `apply` failed)."""
+        ...
 
 
 class Handoff(Protocol):
@@ -48,6 +66,10 @@ class Handoff(Protocol):
 
     def hand_over(self, claims: Sequence[Claim], reserved: int) -> None:
         """Start these claims' sends; free what was reserved (claims or not)."""
+        ...
+
+    def ride(self) -> Ride | None:
+        """Outcomes to record in this commit, if any are waiting."""
         ...
 
 
@@ -101,11 +123,19 @@ class GroupCommitter:
     ) -> None:
         rows = [(m, now) for m, now, _ in batch]
         lease, reserved = self._lease(rows)
+        ride = self._handoff.ride() if self._handoff is not None else None
+
+        def work(session: Session) -> list[Claim]:
+            claims = repo.add_messages(session, rows, lease)
+            if ride is not None:
+                ride.apply(session)
+            return claims
+
         try:
-            claims = await self._store.run(
-                lambda session: repo.add_messages(session, rows, lease), urgent=True
-            )
+            claims = await self._store.run(work, urgent=True)
         except BaseException as error:
+            if ride is not None:
+                ride.settle(committed=False)
             if self._handoff is not None:
                 self._handoff.hand_over((), reserved)
             if not isinstance(error, Exception):
@@ -127,6 +157,8 @@ class GroupCommitter:
         handed = lease.message_ids if lease is not None else frozenset()
         for message, _, done in batch:
             _settle(done, None, message.id in handed)
+        if ride is not None:  # after the submitters have answered their clients
+            asyncio.get_running_loop().call_soon(_settle_ride, ride)
         if self._handoff is not None:
             try:
                 self._handoff.hand_over(claims, reserved)
@@ -170,6 +202,13 @@ class GroupCommitter:
         for _, _, done in self._pending:  # the store never answered within the grace
             _settle(done, Closed("the gateway stopped before the message was stored"))
         self._pending.clear()
+
+
+def _settle_ride(ride: Ride) -> None:
+    try:
+        ride.settle(committed=True)
+    except Exception:  # recorded and committed: only their audit lines are missing
+        log.exception("settling the outcomes recorded with a commit failed")
 
 
 def _settle(done: asyncio.Future[bool], error: BaseException | None, handed: bool = False) -> None:

@@ -1,7 +1,11 @@
 """Delivery workers: claim due recipients under a lease, send, record each outcome.
 
 Each recipient's result is committed as soon as the upstream answers, in the next
-bookkeeping transaction (the results of sends that finish together share one).
+bookkeeping transaction (the results of sends that finish together share one). While
+intake is committing new mail, results first wait a few milliseconds for its next
+commit to carry them (`Ride`): one transaction, one turn of SQLite's writer, for the
+new message and the last one's result, where a separate recording would also have
+delayed that message's 250.
 Delivery is at-least-once across a crash mid-send: a lease that expires is taken
 over by another worker (or instance), which may send again what the dead one had
 sent but not yet recorded. Leases and results are bookkeeping (`durable=False`, see
@@ -54,6 +58,11 @@ RECORD_BATCH = 64
 # Sends in flight with which delivery still takes new mail straight from intake's
 # commit (`Delivery.reserve`).
 NEARLY_IDLE = 1
+# Outcomes wait at most this long for an intake commit to carry them (seconds), and
+# only while intake is committing: its last commit is more recent than INTAKE_ACTIVE.
+# One client sending message after message commits every ~2 ms.
+RIDE_WAIT = 0.005
+INTAKE_ACTIVE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +112,8 @@ class Delivery:
         self._awaiting_record = 0  # sends done with the network, waiting for their record
         self._known_domains = known_domains
         self._recorder: asyncio.Task[None] | None = None
+        self._last_intake_commit = float("-inf")  # loop time
+        self._ridden = asyncio.Event()  # an intake commit took outcomes to record
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -220,6 +231,7 @@ class Delivery:
         return self._clock() + self._config.lease
 
     def hand_over(self, claims: Sequence[Claim], reserved: int) -> None:
+        self._last_intake_commit = asyncio.get_running_loop().time()
         self._reserved -= reserved
         if self._skipped:  # a round gave way to this reservation: it may go on now
             self._skipped = False
@@ -228,6 +240,14 @@ class Delivery:
             return
         for claim in claims:
             self._start(claim)
+
+    def ride(self) -> Ride | None:
+        if not self._to_record:
+            return None
+        batch = self._to_record[:RECORD_BATCH]
+        del self._to_record[: len(batch)]
+        self._ridden.set()
+        return Ride(self, batch, self._clock())
 
     async def drain(self) -> None:
         """Wait for every transaction in flight to finish and be recorded."""
@@ -404,19 +424,46 @@ class Delivery:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._to_record.append(_Pending(claim, outcomes, done))
-        if self._recorder is None or self._recorder.done():
-            self._recorder = loop.create_task(self._record_pending(), name="delivery-recorder")
+        self._start_recorder()
         self._awaiting_record += 1
         try:
             await done
         finally:
             self._awaiting_record -= 1
 
+    def _start_recorder(self) -> None:
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.get_running_loop().create_task(
+                self._record_pending(), name="delivery-recorder"
+            )
+
     async def _record_pending(self) -> None:
         while self._to_record:
+            if self._intake_active():
+                await self._wait_for_ride()
+                if not self._to_record:
+                    break  # intake's commit carries them
             batch = self._to_record[:RECORD_BATCH]
             del self._to_record[: len(batch)]
             await self._commit_outcomes(batch)
+
+    def _intake_active(self) -> bool:
+        since = asyncio.get_running_loop().time() - self._last_intake_commit
+        return not self._stopping and since < INTAKE_ACTIVE
+
+    async def _wait_for_ride(self) -> None:
+        self._ridden.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RIDE_WAIT):
+                await self._ridden.wait()
+
+    def _rode(self, batch: Sequence[_Pending], events: list[Event] | None) -> None:
+        """An intake commit carried `batch`: settle it, or record it ourselves."""
+        if events is None:
+            self._to_record[:0] = batch  # first in line, as they were
+            self._start_recorder()
+            return
+        self._recorded(batch, events)
 
     async def _commit_outcomes(self, batch: Sequence[_Pending]) -> None:
         now = self._clock()
@@ -433,12 +480,17 @@ class Delivery:
             for item in batch:
                 await self._commit_outcomes([item])
             return
-        for event, fields in events:  # only what was committed reaches the audit log
-            self._audit.emit(event, **fields)
-            if event == "dsn.queued":
-                self.wake()
-        for item in batch:
-            _settle(item.done, None)
+        self._recorded(batch, events)
+
+    def _recorded(self, batch: Sequence[_Pending], events: list[Event]) -> None:
+        try:
+            for event, fields in events:  # only what was committed reaches the audit log
+                self._audit.emit(event, **fields)
+                if event == "dsn.queued":
+                    self.wake()
+        finally:
+            for item in batch:
+                _settle(item.done, None)
 
     def _apply(self, session: Session, batch: Sequence[_Pending], now: datetime) -> list[Event]:
         """The recording transaction (runs inside `Store.run`: touches only the store)."""
@@ -515,6 +567,28 @@ class Delivery:
             "original": claim.message_id,
             "rcpt": [f.address for f in bounced],
         }
+
+
+class Ride:
+    """Outcomes carried by an intake commit (`gateway.committer.Ride`)."""
+
+    def __init__(self, delivery: Delivery, batch: Sequence[_Pending], now: datetime) -> None:
+        self._delivery = delivery
+        self._batch = batch
+        self._now = now
+        self._events: list[Event] | None = None
+
+    def apply(self, session: Session) -> None:
+        try:
+            with session.begin_nested():
+                self._events = self._delivery._apply(session, self._batch, self._now)
+        except Exception:
+            # Rolled back to the savepoint: the recorder tries again, on its own.
+            log.warning("recording %d claims with intake's commit failed", len(self._batch))
+            self._events = None
+
+    def settle(self, committed: bool) -> None:
+        self._delivery._rode(self._batch, self._events if committed else None)
 
 
 def _outcome_event(claim: Claim, o: Outcome) -> Event:

@@ -279,6 +279,9 @@ async def test_a_committer_fault_answers_each_client_and_the_next_commit_works(
         def hand_over(self, claims: Any, reserved: int) -> None:
             pass
 
+        def ride(self) -> None:
+            return None
+
     store = Store(sqlite_url)
     try:
         await upgrade(store)

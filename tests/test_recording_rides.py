@@ -1,0 +1,164 @@
+"""A send's outcome rides with intake's next commit: while mail arrives, recording
+a send costs no transaction of its own, and never makes the next message's commit
+wait behind it. Whatever goes wrong with the ride, the outcome is still recorded,
+once, by delivery's own recorder, and the new message is stored as if it had never
+carried anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from sqlalchemy import select
+
+from gateway import delivery as delivery_module
+from gateway.app import Gateway
+from gateway.delivery import Delivery
+from quarantine import repository as repo
+from quarantine.models import Message
+from quarantine.states import MessageState
+from tests.conftest import Upstream, gateway_config, running, submit
+
+
+@pytest.fixture
+def alone(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Outcomes wait for a ride for up to a second (intake counts as active for 5 s),
+    so a ride is not a race with the test; returns the message ids of each recording
+    delivery made in a transaction of its own."""
+    monkeypatch.setattr(delivery_module, "RIDE_WAIT", 1.0)
+    monkeypatch.setattr(delivery_module, "INTAKE_ACTIVE", 5.0)
+    batches: list[list[str]] = []
+    original = Delivery._commit_outcomes
+
+    async def commit_outcomes(self: Delivery, batch: Sequence[Any]) -> None:
+        batches.append([item.claim.message_id for item in batch])
+        await original(self, batch)
+
+    monkeypatch.setattr(Delivery, "_commit_outcomes", commit_outcomes)
+    return batches
+
+
+async def states(gw: Gateway) -> list[tuple[str, MessageState]]:
+    async with gw.store.read() as session:
+        rows = await session.execute(select(Message.id, Message.state).order_by(Message.created_at))
+        return [(mid, state) for mid, state in rows.all()]
+
+
+async def until_delivered(gw: Gateway, count: int) -> list[tuple[str, MessageState]]:
+    async def poll() -> list[tuple[str, MessageState]]:
+        while True:
+            rows = await states(gw)
+            if [s for _, s in rows].count(MessageState.DELIVERED) >= count:
+                return rows
+            await asyncio.sleep(0.02)
+
+    return await asyncio.wait_for(poll(), 5)
+
+
+def audited(gw: Gateway, event: str) -> list[str]:
+    lines = Path(gw.config.audit.path).read_text().splitlines()
+    return [e["id"] for e in map(json.loads, lines) if e["event"] == event]
+
+
+async def test_an_outcome_is_recorded_by_the_next_message_s_commit(
+    tmp_path: Path, store_url: str, upstream: Upstream, alone: list[list[str]]
+) -> None:
+    config = gateway_config(tmp_path, store_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)  # the first round at start finds nothing
+        await submit(gw, ["a@client.example"])
+        await upstream.wait_for(1, timeout=5)
+        await asyncio.sleep(0.1)  # sent; its outcome now waits for a ride
+        ((first, waiting),) = await states(gw)
+        await submit(gw, ["b@client.example"])
+        # the 250 of the second message came after the commit that recorded the first
+        carried = dict(await states(gw))
+        ridden = list(alone)
+        rows = await until_delivered(gw, 2)  # the second: by itself, after its wait
+        sent = audited(gw, "delivery.sent")
+    second = next(mid for mid, _ in rows if mid != first)
+    assert waiting is MessageState.QUEUED
+    assert carried == {first: MessageState.DELIVERED, second: MessageState.QUEUED}
+    assert ridden == []
+    assert alone == [[second]]
+    assert sent == [first, second]
+
+
+async def test_an_outcome_that_fails_in_the_ride_is_rolled_back_and_recorded_alone(
+    tmp_path: Path,
+    store_url: str,
+    upstream: Upstream,
+    alone: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first recording writes its rows, then fails: in the ride's savepoint, so the
+    # message carrying it still commits and those rows are undone. Delivery records
+    # the outcome again by itself, and finds the recipient still due: had the rows
+    # stayed, the second recording would find it already delivered and audit nothing.
+    original = Delivery._apply
+    faults = [RuntimeError("injected")]
+
+    def apply(self: Delivery, session: Any, batch: Any, now: Any) -> Any:
+        events = original(self, session, batch, now)
+        if faults:
+            raise faults.pop()
+        return events
+
+    monkeypatch.setattr(Delivery, "_apply", apply)
+    config = gateway_config(tmp_path, store_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)
+        await submit(gw, ["a@client.example"])
+        await upstream.wait_for(1, timeout=5)
+        await asyncio.sleep(0.1)
+        ((first, _),) = await states(gw)
+        await submit(gw, ["b@client.example"])
+        carried = dict(await states(gw))
+        rows = await until_delivered(gw, 2)
+        sent = audited(gw, "delivery.sent")
+    second = next(mid for mid, _ in rows if mid != first)
+    assert faults == []
+    assert carried == {first: MessageState.QUEUED, second: MessageState.QUEUED}
+    assert sorted(m for batch in alone for m in batch) == sorted([first, second])  # no ride
+    assert sorted(sent) == sorted([first, second])  # once each
+
+
+async def test_an_outcome_whose_carrying_commit_fails_is_recorded_alone(
+    tmp_path: Path,
+    store_url: str,
+    upstream: Upstream,
+    alone: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = repo.add_messages
+    fail = [False]
+
+    def add_messages(session: Any, batch: Any, lease: Any = None) -> Any:
+        claims = original(session, batch, lease)
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("injected")
+        return claims
+
+    monkeypatch.setattr(repo, "add_messages", add_messages)
+    config = gateway_config(tmp_path, store_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        await asyncio.sleep(0.2)
+        await submit(gw, ["a@client.example"])
+        await upstream.wait_for(1, timeout=5)
+        await asyncio.sleep(0.1)
+        ((first, _),) = await states(gw)
+        fail[0] = True
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await submit(gw, ["b@client.example"])
+        rows = await until_delivered(gw, 1)
+        sent = audited(gw, "delivery.sent")
+    assert refused.value.code == 451
+    assert rows == [(first, MessageState.DELIVERED)]
+    assert alone == [[first]]
+    assert sent == [first]
