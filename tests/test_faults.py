@@ -187,27 +187,31 @@ async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothin
         if not failures:
             return original(session, batch, lease)
         # The message and body rows are written; the disk fills before the recipients
-        # (the third statement, run by execute or, returning ids, by scalars).
-        real = {"execute": session.execute, "scalars": session.scalars}
+        # (the third statement on the transaction's connection).
+        connection = session.connection
         calls = 0
 
-        def failing(name: str) -> Any:
-            def run(*args: Any, **kwargs: Any) -> Any:
+        class Failing:
+            def __init__(self, conn: Any) -> None:
+                self._conn = conn
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._conn, name)
+
+            def execute(self, *args: Any, **kwargs: Any) -> Any:
                 nonlocal calls
                 calls += 1
                 if calls == 3:
                     raise failures.pop()
-                return real[name](*args, **kwargs)
+                return self._conn.execute(*args, **kwargs)
 
-            return run
-
-        for name in real:
-            setattr(session, name, failing(name))
+        session.connection = lambda *args, **kwargs: Failing(  # type: ignore[method-assign]
+            connection(*args, **kwargs)
+        )
         try:
             return original(session, batch, lease)
         finally:
-            for name, method in real.items():
-                setattr(session, name, method)
+            del session.connection
 
     monkeypatch.setattr(repository, "add_messages", fail_between_statements)
     config = gateway_config(tmp_path, store_url, upstream.port)
