@@ -10,7 +10,8 @@ to this gateway's delivery, as far as it has free workers, and hands it their cl
 a message's first send needs no claiming transaction and no second read of its body
 (Postfix's queue manager, too, takes new mail straight from the incoming queue).
 The same commit carries the outcomes delivery has waiting to be recorded (`Ride`):
-while mail arrives, recording a send costs no transaction of its own.
+while mail arrives, recording a send costs no transaction of its own. They are settled
+after the submitters have been answered.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class Ride(Protocol):
     """Delivery's outcomes waiting to be recorded, carried by an intake commit."""
 
     def apply(self, session: Session) -> None:
-        """Record them in the commit's transaction, in a savepoint of their own: a
-        failure here is kept for `settle`, never raised, so the messages still commit."""
+        """Record them in the commit's transaction, in a savepoint of their own: their
+        failure is kept for `settle`, and the messages still commit, unless the
+        transaction itself was lost with it (then this raises, and the commit fails)."""
         ...
 
     def settle(self, committed: bool) -> None:
@@ -65,7 +67,8 @@ class Handoff(Protocol):
     def lease_until(self) -> datetime: ...
 
     def hand_over(self, claims: Sequence[Claim], reserved: int) -> None:
-        """Start these claims' sends; free what was reserved (claims or not)."""
+        """Start these claims' sends; free what was reserved (claims or not). Called
+        after every commit, failed or not: it also says intake is committing."""
         ...
 
     def ride(self) -> Ride | None:

@@ -1,15 +1,17 @@
 """Delivery workers: claim due recipients under a lease, send, record each outcome.
 
-Each recipient's result is committed as soon as the upstream answers, in the next
-bookkeeping transaction (the results of sends that finish together share one). While
-intake is committing new mail, results first wait a few milliseconds for its next
-commit to carry them (`Ride`): one transaction, one turn of SQLite's writer, for the
-new message and the last one's result, where a separate recording would also have
-delayed that message's 250.
+Each recipient's result is committed once the upstream answers, in the next
+bookkeeping transaction (the results of sends that finish together share one). On
+SQLite, while intake is committing new mail, results first wait up to a few
+milliseconds for its next commit to carry them (`Ride`): one transaction, one turn of
+the single writer, for the new message and the last one's result, where a separate
+recording would have made that message's 250 wait behind it. Results that a ride gave
+back are recorded by delivery alone, at once, and never ride again.
 Delivery is at-least-once across a crash mid-send: a lease that expires is taken
 over by another worker (or instance), which may send again what the dead one had
 sent but not yet recorded. Leases and results are bookkeeping (`durable=False`, see
-`Store`): a power cut may forget them, which can only mean a second send.
+`Store`; a ride makes them durable with the message it rides with): a power cut may
+forget them, which can only mean a second send.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ RECORD_BATCH = 64
 # Sends in flight with which delivery still takes new mail straight from intake's
 # commit (`Delivery.reserve`).
 NEARLY_IDLE = 1
-# Outcomes wait at most this long for an intake commit to carry them (seconds), and
-# only while intake is committing: its last commit is more recent than INTAKE_ACTIVE.
-# One client sending message after message commits every ~2 ms.
+# On SQLite, outcomes wait at most this long (seconds) for an intake commit to take
+# them, and only while intake is committing: its last commit is more recent than
+# INTAKE_ACTIVE. One client sending message after message commits every ~1.5 ms; a
+# lone message's own outcome waits the whole RIDE_WAIT, holding its worker that long.
+# PostgreSQL has no single writer to share, so nothing waits there.
 RIDE_WAIT = 0.005
 INTAKE_ACTIVE = 0.05
 
@@ -109,6 +113,7 @@ class Delivery:
         self._rng = rng or random.Random()
         self._after_recorded = after_recorded
         self._to_record: list[_Pending] = []
+        self._alone: list[_Pending] = []  # given back by a ride: recorded alone, at once
         self._awaiting_record = 0  # sends done with the network, waiting for their record
         self._known_domains = known_domains
         self._recorder: asyncio.Task[None] | None = None
@@ -242,7 +247,7 @@ class Delivery:
             self._start(claim)
 
     def ride(self) -> Ride | None:
-        if not self._to_record:
+        if not self._to_record or not self._store.is_sqlite:
             return None
         batch = self._to_record[:RECORD_BATCH]
         del self._to_record[: len(batch)]
@@ -438,7 +443,12 @@ class Delivery:
             )
 
     async def _record_pending(self) -> None:
-        while self._to_record:
+        while self._alone or self._to_record:
+            if self._alone:
+                batch = self._alone[:RECORD_BATCH]
+                del self._alone[: len(batch)]
+                await self._commit_outcomes(batch)
+                continue
             if self._intake_active():
                 await self._wait_for_ride()
                 if not self._to_record:
@@ -449,7 +459,7 @@ class Delivery:
 
     def _intake_active(self) -> bool:
         since = asyncio.get_running_loop().time() - self._last_intake_commit
-        return not self._stopping and since < INTAKE_ACTIVE
+        return self._store.is_sqlite and not self._stopping and since < INTAKE_ACTIVE
 
     async def _wait_for_ride(self) -> None:
         self._ridden.clear()
@@ -458,9 +468,12 @@ class Delivery:
                 await self._ridden.wait()
 
     def _rode(self, batch: Sequence[_Pending], events: list[Event] | None) -> None:
-        """An intake commit carried `batch`: settle it, or record it ourselves."""
+        """An intake commit carried `batch`: settle it, or record it ourselves (a
+        batch that failed once in a ride would fail every ride after it, and hold up
+        the outcomes behind it; alone, one that cannot be recorded is found and
+        failed by itself)."""
         if events is None:
-            self._to_record[:0] = batch  # first in line, as they were
+            self._alone.extend(batch)
             self._start_recorder()
             return
         self._recorded(batch, events)
@@ -488,12 +501,15 @@ class Delivery:
                 self._audit.emit(event, **fields)
                 if event == "dsn.queued":
                     self.wake()
+        except Exception:  # committed: the recorder must go on with the rest
+            log.exception("auditing %d recorded outcomes failed", len(events))
         finally:
             for item in batch:
                 _settle(item.done, None)
 
     def _apply(self, session: Session, batch: Sequence[_Pending], now: datetime) -> list[Event]:
-        """The recording transaction (runs inside `Store.run`: touches only the store)."""
+        """Record a batch: in delivery's own transaction, or in a savepoint of an
+        intake commit (`Ride`); either way on the store's thread, touching only it."""
         kept = repo.record_outcomes(
             session,
             [
@@ -579,13 +595,22 @@ class Ride:
         self._events: list[Event] | None = None
 
     def apply(self, session: Session) -> None:
+        savepoint = session.begin_nested()
         try:
-            with session.begin_nested():
-                self._events = self._delivery._apply(session, self._batch, self._now)
+            events = self._delivery._apply(session, self._batch, self._now)
         except Exception:
-            # Rolled back to the savepoint: the recorder tries again, on its own.
-            log.warning("recording %d claims with intake's commit failed", len(self._batch))
-            self._events = None
+            log.warning(
+                "recording %d claims with intake's commit failed; recording them alone",
+                len(self._batch),
+                exc_info=True,
+            )
+            # Outside the `try`: when SQLite itself rolled the whole transaction back (a
+            # full disk, an I/O error), the savepoint is gone and this raises, so the
+            # commit fails (451) instead of answering 250 for messages it lost.
+            savepoint.rollback()
+            return
+        savepoint.commit()
+        self._events = events
 
     def settle(self, committed: bool) -> None:
         self._delivery._rode(self._batch, self._events if committed else None)

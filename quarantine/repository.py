@@ -203,6 +203,11 @@ def _recipient_rows(new: NewMessage, now: datetime) -> list[dict[str, Any]]:
             "next_attempt_at": now if released else None,
             "updated_at": now,
             "queued_at": now if released else None,
+            # Every row carries every key: an executemany takes its columns from the
+            # first row and silently drops the keys a later row adds (a leased message
+            # after a held one would be inserted unleased, and sent twice).
+            "lease_owner": None,
+            "lease_expires_at": None,
         }
         for address in new.rcpt_tos
     ]

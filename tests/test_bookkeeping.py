@@ -475,3 +475,35 @@ async def test_a_hold_naming_its_recipients_must_name_their_lease_owner(store_ur
     finally:
         await store.close()
     assert state == MessageState.QUEUED  # nothing half done
+
+
+async def test_a_leased_message_after_an_unleased_one_in_a_commit_is_leased(
+    store_url: str,
+) -> None:
+    # One statement inserts every recipient of a group commit, and takes its columns
+    # from the first row: a lease set only on later rows was dropped without a word,
+    # its claim still handed to delivery, and the message sent again.
+    held = NewMessage(
+        id="held",
+        mail_from="alice@example.com",
+        rcpt_tos=["h@client.example"],
+        raw=MESSAGE,
+        state=MessageState.HELD,
+        verdict={},
+    )
+    now = datetime.now(UTC)
+    lease = repo.Lease("gw", now + timedelta(minutes=5), {"leased"})
+    store = Store(store_url)
+    try:
+        await upgrade(store)
+        claims = await store.run(
+            lambda session: repo.add_messages(
+                session, [(held, now), (queued("leased", "q@client.example"), now)], lease
+            )
+        )
+        async with store.read() as session:
+            rows = (await session.execute(select(Recipient.address, Recipient.lease_owner))).all()
+    finally:
+        await store.close()
+    assert [c.message_id for c in claims] == ["leased"]
+    assert sorted(rows) == [("h@client.example", None), ("q@client.example", "gw")]
