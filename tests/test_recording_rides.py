@@ -60,6 +60,16 @@ async def until_delivered(gw: Gateway, count: int) -> list[tuple[str, MessageSta
     return await asyncio.wait_for(poll(), 5)
 
 
+async def first_sent(gw: Gateway, upstream: Upstream) -> str:
+    """Send one message; return its id once its outcome waits to be recorded."""
+    await asyncio.sleep(0.2)  # the first round at start finds nothing
+    await submit(gw, ["a@client.example"])
+    await upstream.wait_for(1, timeout=5)
+    await asyncio.sleep(0.1)  # sent; on SQLite its outcome now waits for a ride
+    ((first, _),) = await states(gw)
+    return first
+
+
 def audited(gw: Gateway, event: str) -> list[str]:
     lines = Path(gw.config.audit.path).read_text().splitlines()
     return [e["id"] for e in map(json.loads, lines) if e["event"] == event]
@@ -71,11 +81,8 @@ async def test_an_outcome_is_recorded_by_the_next_message_s_commit(
     sqlite = store_url.startswith("sqlite")
     config = gateway_config(tmp_path, store_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
-        await asyncio.sleep(0.2)  # the first round at start finds nothing
-        await submit(gw, ["a@client.example"])
-        await upstream.wait_for(1, timeout=5)
-        await asyncio.sleep(0.1)  # sent; its outcome now waits for a ride
-        ((first, waiting),) = await states(gw)
+        first = await first_sent(gw, upstream)
+        waiting = dict(await states(gw))[first]
         await submit(gw, ["b@client.example"])
         # the 250 of the second message came after the commit that recorded the first
         carried = dict(await states(gw))
@@ -118,11 +125,7 @@ async def test_an_outcome_that_fails_in_the_ride_is_rolled_back_and_recorded_alo
     monkeypatch.setattr(Delivery, "_apply", apply)
     config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
-        await asyncio.sleep(0.2)
-        await submit(gw, ["a@client.example"])
-        await upstream.wait_for(1, timeout=5)
-        await asyncio.sleep(0.1)
-        ((first, _),) = await states(gw)
+        first = await first_sent(gw, upstream)
         await submit(gw, ["b@client.example"])
         carried = dict(await states(gw))
         await submit(gw, ["c@client.example"])  # a commit the outcome could ride again
@@ -155,11 +158,7 @@ async def test_an_outcome_whose_carrying_commit_fails_is_recorded_alone(
     monkeypatch.setattr(Ride, "apply", apply)
     config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
-        await asyncio.sleep(0.2)
-        await submit(gw, ["a@client.example"])
-        await upstream.wait_for(1, timeout=5)
-        await asyncio.sleep(0.1)
-        ((first, _),) = await states(gw)
+        first = await first_sent(gw, upstream)
         fail[0] = True
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
             await submit(gw, ["b@client.example"])
@@ -195,11 +194,7 @@ async def test_a_ride_that_loses_the_transaction_fails_the_commit(
     monkeypatch.setattr(Delivery, "_apply", apply)
     config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
     async with running(config) as gw:
-        await asyncio.sleep(0.2)
-        await submit(gw, ["a@client.example"])
-        await upstream.wait_for(1, timeout=5)
-        await asyncio.sleep(0.1)
-        ((first, _),) = await states(gw)
+        first = await first_sent(gw, upstream)
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
             await submit(gw, ["b@client.example"])
         stored = await until_delivered(gw, 1)
