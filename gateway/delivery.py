@@ -452,7 +452,10 @@ class Delivery:
             if self._intake_active():
                 await self._wait_for_ride()
                 if not self._to_record:
-                    break  # intake's commit carries them
+                    # Intake's commit carries them. Look again all the same: a ride
+                    # may have given outcomes back meanwhile, and with this task alive
+                    # no other recorder was started for them.
+                    continue
             batch = self._to_record[:RECORD_BATCH]
             del self._to_record[: len(batch)]
             await self._commit_outcomes(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from gateway import delivery as delivery_module
 from gateway.app import Gateway
 from gateway.delivery import Delivery, Ride
 from quarantine.models import Message
+from quarantine.repository import Claim
 from quarantine.states import MessageState
 from tests.conftest import Upstream, gateway_config, running, submit
 
@@ -204,3 +206,36 @@ async def test_a_ride_that_loses_the_transaction_fails_the_commit(
     assert refused.value.code == 451
     assert stored == [(first, MessageState.DELIVERED)]
     assert len(rows) == 2 and [first] in alone
+
+
+async def test_outcomes_given_back_while_the_recorder_waits_for_a_ride_are_recorded(
+    tmp_path: Path, sqlite_url: str, upstream: Upstream, alone: list[list[str]]
+) -> None:
+    # A ride gives its outcomes back while the recorder waits for the next ride (with
+    # the recorder alive, none other is started for them); that next ride then takes
+    # what the recorder waited for. The recorder must not stop there: the outcomes
+    # given back would wait for the next send's recording, and their workers with them.
+    config = gateway_config(tmp_path, sqlite_url, upstream.port, delivery={"poll_interval": "60s"})
+    async with running(config) as gw:
+        delivery = gw.delivery
+        assert delivery is not None
+        loop = asyncio.get_running_loop()
+
+        def claim(message_id: str) -> Claim:
+            return Claim(message_id, "a@example.com", "message", datetime.now(UTC), {}, "x", ())
+
+        delivery.hand_over((), 0)  # intake is committing
+        given_back = loop.create_task(delivery._record(claim("given-back"), []))
+        await asyncio.sleep(0.01)
+        first = delivery.ride()
+        assert first is not None
+        await asyncio.sleep(0.01)
+        waited_for = loop.create_task(delivery._record(claim("waited-for"), []))
+        await asyncio.sleep(0.01)  # the recorder waits for a ride
+        first.settle(committed=False)
+        second = delivery.ride()
+        assert second is not None
+        await asyncio.wait_for(given_back, 5)
+        second.settle(committed=False)
+        await asyncio.wait_for(waited_for, 5)
+    assert alone == [["given-back"], ["waited-for"]]
