@@ -1,6 +1,6 @@
 """Upstream transaction cost: `SmtpTransport.send` into Postfix's `smtp-sink`, with
 aiosmtplib's `sendmail` (one round trip per command: the path before PIPELINING was
-used, `SmtpTransport(pipelining=False)`) beside the pipelined one, in the same run.
+used, `[delivery] pipelining = false`) beside the pipelined one, in the same run.
 
     python bench/upstream.py [--messages 5000] [--size 5120] [--recipients 1]
                              [--rounds 3] [--big-mb 50] [--loop uvloop|asyncio]
@@ -103,9 +103,14 @@ def message(size: int) -> bytes:
 
 def transport(port: int, pipelining: bool) -> SmtpTransport:
     config = DeliveryConfig.model_validate(
-        {"upstream": f"smtp://{HOST}:{port}", "starttls": "off", "connections": 1}
+        {
+            "upstream": f"smtp://{HOST}:{port}",
+            "starttls": "off",
+            "connections": 1,
+            "pipelining": pipelining,
+        }
     )
-    return SmtpTransport(config, pipelining=pipelining)
+    return SmtpTransport(config)
 
 
 async def send_many(port: int, pipelining: bool, count: int, data: bytes, rcpts: int) -> None:

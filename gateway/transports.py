@@ -43,7 +43,7 @@ class SmtpTransport:
     """aiosmtplib clients kept open and reused; one transaction per client at a time.
 
     A transaction is pipelined when the server offers PIPELINING (RFC 2920; see
-    gateway/smtp_out.py), unless `pipelining` is False (`[delivery] pipelining`, as
+    gateway/smtp_out.py), unless `[delivery] pipelining` is false (as
     Postfix's `smtp_discard_ehlo_keywords = pipelining`, for a server that offers it but
     breaks under it); otherwise it is aiosmtplib's `sendmail`, one round trip per command.
 
@@ -52,9 +52,9 @@ class SmtpTransport:
     the pool grows to `connections` under load and shrinks back after it, as Postfix's
     connection cache does (`smtp_connection_cache_time_limit`)."""
 
-    def __init__(self, config: DeliveryConfig, *, pipelining: bool | None = None) -> None:
+    def __init__(self, config: DeliveryConfig) -> None:
         self._config = config
-        self._pipelining = config.pipelining if pipelining is None else pipelining
+        self._pipelining = config.pipelining
         self._idle_close = config.idle_close.total_seconds()
         # (when it was given back, client): the oldest first, the next one taken last.
         self._idle: list[tuple[float, aiosmtplib.SMTP]] = []

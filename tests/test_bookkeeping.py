@@ -317,6 +317,20 @@ async def test_a_hold_at_delivery_leaves_the_other_domains_send_in_flight(store_
     assert states == {"a@a.example": "waiting", "b@b.example": "delivered"}
 
 
+def slow_commits(monkeypatch: pytest.MonkeyPatch, seconds: float) -> threading.Event:
+    """The store takes `seconds` over each accepting commit; set as one begins."""
+    started = threading.Event()
+    original = repo.add_messages
+
+    def slow_add(session: Any, batch: Any, lease: Any = None) -> Any:
+        started.set()
+        time.sleep(seconds)
+        return original(session, batch, lease)
+
+    monkeypatch.setattr(repo, "add_messages", slow_add)
+    return started
+
+
 async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuses_new_ones(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -324,20 +338,13 @@ async def test_closing_the_committer_lets_a_commit_in_progress_finish_and_refuse
 
     store = Store(sqlite_url)
     now = datetime.now(UTC)
-    started = threading.Event()
-    original = repo.add_messages
-
-    def slow_add(session: Any, batch: Any, lease: Any = None) -> Any:
-        started.set()
-        time.sleep(0.3)  # the store is slow: the close arrives mid-commit
-        return original(session, batch, lease)
 
     def message(mid: str) -> NewMessage:
         return queued(mid, "b@x.example", sender="a@example.com")
 
     try:
         await upgrade(store)
-        monkeypatch.setattr(repo, "add_messages", slow_add)
+        started = slow_commits(monkeypatch, 0.3)  # the close arrives mid-commit
         committer = GroupCommitter(store)
         first = asyncio.create_task(committer.commit(message("m1"), now))
         await asyncio.to_thread(started.wait, 5)
@@ -359,17 +366,9 @@ async def test_a_commit_still_running_when_the_grace_ends_answers_its_client(
 
     store = Store(sqlite_url)
     now = datetime.now(UTC)
-    started = threading.Event()
-    original = repo.add_messages
-
-    def slow_add(session: Any, batch: Any, lease: Any = None) -> Any:
-        started.set()
-        time.sleep(1.0)  # longer than the grace below
-        return original(session, batch, lease)
-
     try:
         await upgrade(store)
-        monkeypatch.setattr(repo, "add_messages", slow_add)
+        started = slow_commits(monkeypatch, 1.0)  # longer than the grace below
         committer = GroupCommitter(store)
         first = asyncio.create_task(
             committer.commit(

@@ -173,10 +173,12 @@ async def aiosmtpd_upstream() -> AsyncIterator[PipeliningUpstream]:
 def transport_to(
     port: int, *, pipelining: bool | None = None, timeout: str = "5s", **settings: object
 ) -> SmtpTransport:
+    if pipelining is not None:
+        settings["pipelining"] = pipelining
     config = DeliveryConfig.model_validate(
         {"upstream": f"smtp://127.0.0.1:{port}", "starttls": "off", "timeout": timeout, **settings}
     )
-    return SmtpTransport(config, pipelining=pipelining)
+    return SmtpTransport(config)
 
 
 def unstuffed(wire: bytes) -> bytes:
