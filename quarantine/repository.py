@@ -28,7 +28,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from policies.clients import domain_of  # the one normal form: what the rules compare
 from quarantine.models import Body, KnownDomain, Message, Recipient
@@ -345,12 +348,36 @@ class OutcomeRow:
     next_attempt_at: datetime | None = None
 
 
+class _Unindexed(ColumnElement[Any]):
+    """A column that SQLite must not pick an index for: `+column` there, the column
+    elsewhere (SQLite's own way to steer its planner, which keeps no statistics)."""
+
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_Unindexed)
+def _column(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.column, **kw)
+
+
+@compiles(_Unindexed, "sqlite")
+def _unary_plus(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
+    return "+" + compiler.process(element.column, **kw)
+
+
 _RECORD = (
     update(_RECIPIENTS)
     .where(
         _recipients.id.in_(bindparam("ids", expanding=True)),
         _recipients.lease_owner == bindparam("owner"),
-        _recipients.state.in_(sorted(DUE_RECIPIENT_STATES)),
+        # By id, never by the state index: SQLite would otherwise read every queued
+        # and deferred recipient (all of a backlog) to record a handful.
+        _Unindexed(_recipients.state).in_(sorted(DUE_RECIPIENT_STATES)),
     )
     .values(
         state=bindparam("state"),
