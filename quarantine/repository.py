@@ -20,6 +20,7 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -34,7 +35,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from policies.clients import domain_of  # the one normal form: what the rules compare
-from quarantine.models import Body, KnownDomain, Message, Recipient
+from quarantine.models import Body, KnownDomain, Message, Recipient, approvers_key
+from quarantine.prepared import Prepared, direct
 from quarantine.states import (
     DUE_RECIPIENT_STATES,
     FINAL_RECIPIENT_STATES,
@@ -96,36 +98,43 @@ def add_messages(
     Return the claims of the messages `lease` names (their recipients' ids come back
     from the insert itself)."""
     conn = session.connection()  # Core statements: the ORM session adds only cost here
-    conn.execute(_INSERT_MESSAGES, _rows([_message_row(new, now) for new, now in batch]))
+    _INSERT_MESSAGES.execute(conn, [_message_row(new, now) for new, now in batch])
     streamed = conn.dialect.driver == "pysqlite"
     large = {new.id: new.raw for new, _ in batch if streamed and len(new.raw) >= STREAMED_BODY}
     small = [{"message_id": new.id, "raw": new.raw} for new, _ in batch if new.id not in large]
-    if small:
-        conn.execute(_INSERT_BODIES, _rows(small))
+    _INSERT_BODIES.execute(conn, small)
     for message_id, raw in large.items():
         _stream_body(session, message_id, raw)
     rows = [row for new, now in batch for row in _recipient_rows(new, now)]
-    if lease is not None:
-        for row in rows:
-            if row["message_id"] in lease.message_ids:
-                row["lease_owner"], row["lease_expires_at"] = lease.owner, lease.until
     if lease is None:
-        conn.execute(_INSERT_RECIPIENTS, _rows(rows))
+        _INSERT_RECIPIENTS.execute(conn, rows)
         return []
-    ids = conn.execute(_INSERT_RECIPIENTS_RETURNING, _rows(rows)).scalars().all()
+    for row in rows:
+        if row["message_id"] in lease.message_ids:
+            row["lease_owner"], row["lease_expires_at"] = lease.owner, lease.until
+    ids = [rid for (rid,) in _INSERT_RECIPIENTS_RETURNING.returning(conn, rows)]
     return _new_claims(batch, lease, rows, ids)
 
 
-def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
-    """One row is executed as such: SQLAlchemy's executemany path costs more (~20 µs)."""
-    return rows[0] if len(rows) == 1 else rows
-
-
-_INSERT_MESSAGES = insert(_MESSAGES)
-_INSERT_BODIES = insert(_BODIES)
-_INSERT_RECIPIENTS = insert(_RECIPIENTS)
-_INSERT_RECIPIENTS_RETURNING = insert(_RECIPIENTS).returning(
-    _recipients.id, sort_by_parameter_order=True
+_MESSAGE_COLUMNS = [c.key for c in _MESSAGES.columns]
+_RECIPIENT_COLUMNS = [
+    "message_id",
+    "address",
+    "domain",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "updated_at",
+    "queued_at",
+    "lease_owner",
+    "lease_expires_at",
+]
+_INSERT_MESSAGES = Prepared(insert(_MESSAGES), _MESSAGE_COLUMNS)
+_INSERT_BODIES = Prepared(insert(_BODIES), ["message_id", "raw"])
+_INSERT_RECIPIENTS = Prepared(insert(_RECIPIENTS), _RECIPIENT_COLUMNS)
+_INSERT_RECIPIENTS_RETURNING = Prepared(
+    insert(_RECIPIENTS).returning(_recipients.id, sort_by_parameter_order=True),
+    _RECIPIENT_COLUMNS,
 )
 
 
@@ -191,6 +200,9 @@ def _message_row(new: NewMessage, now: datetime) -> dict[str, Any]:
         "attachments": new.attachments,
         "release_at": new.release_at,
         "finished_at": None,
+        # What the columns' defaults would derive, given here: no default runs.
+        "approvers": approvers_key(new.verdict),
+        "sender_address": new.mail_from.lower(),
     }
 
 
@@ -370,28 +382,41 @@ def _unary_plus(element: _Unindexed, compiler: SQLCompiler, **kw: Any) -> str:
     return "+" + compiler.process(element.column, **kw)
 
 
-_RECORD = (
-    update(_RECIPIENTS)
-    .where(
-        _recipients.id.in_(bindparam("ids", expanding=True)),
-        _recipients.lease_owner == bindparam("owner"),
-        # By id, never by the state index: SQLite would otherwise read every queued
-        # and deferred recipient (all of a backlog) to record a handful.
-        _Unindexed(_recipients.state).in_(sorted(DUE_RECIPIENT_STATES)),
+def _each(column: ColumnElement[Any], values: Iterable[Any]) -> list[ColumnElement[Any]]:
+    """A fixed IN list as one bind per value: a list of values would be one expanding
+    bind, rendered per execution, which a `Prepared` statement cannot take."""
+    return [literal(value, column.type) for value in sorted(values)]
+
+
+def _record_statement(which: ColumnElement[bool]) -> Update:
+    return (
+        update(_RECIPIENTS)
+        .where(
+            which,
+            _recipients.lease_owner == bindparam("owner"),
+            # By id, never by the state index: SQLite would otherwise read every queued
+            # and deferred recipient (all of a backlog) to record a handful.
+            _Unindexed(_recipients.state).in_(_each(_recipients.state, DUE_RECIPIENT_STATES)),
+        )
+        .values(
+            state=bindparam("state"),
+            last_code=bindparam("code"),
+            last_response=bindparam("response"),
+            updated_at=bindparam("now"),
+            attempts=_recipients.attempts + 1,
+            next_attempt_at=bindparam("next_attempt_at"),
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=bindparam("finished_at"),
+        )
+        .returning(_recipients.id)
     )
-    .values(
-        state=bindparam("state"),
-        last_code=bindparam("code"),
-        last_response=bindparam("response"),
-        updated_at=bindparam("now"),
-        attempts=_recipients.attempts + 1,
-        next_attempt_at=bindparam("next_attempt_at"),
-        lease_owner=None,
-        lease_expires_at=None,
-        finished_at=bindparam("finished_at"),
-    )
-    .returning(_recipients.id)
-)
+
+
+# Several recipients at once where a statement costs a round trip (PostgreSQL), one
+# at a time where it costs a few microseconds (SQLite, on the cursor).
+_RECORD = _record_statement(_recipients.id.in_(bindparam("ids", expanding=True)))
+_RECORD_ONE = Prepared(_record_statement(_recipients.id == bindparam("id")))
 
 
 def record_outcomes(
@@ -411,7 +436,6 @@ def record_outcomes(
     conn = session.connection()
     for (state, code, response, next_attempt_at), ids in alike.items():
         params = {
-            "ids": ids,
             "owner": owner,
             "state": state,
             "code": code,
@@ -420,7 +444,11 @@ def record_outcomes(
             "next_attempt_at": next_attempt_at,
             "finished_at": now if state in FINAL_RECIPIENT_STATES else None,
         }
-        kept.update(conn.execute(_RECORD, params).scalars())
+        if direct(conn):
+            rows = _RECORD_ONE.returning(conn, [{**params, "id": rid} for rid in ids])
+            kept.update(rid for (rid,) in rows)
+        else:
+            kept.update(conn.execute(_RECORD, {**params, "ids": ids}).scalars())
     return kept
 
 
@@ -447,7 +475,7 @@ def known_domains(session: Session) -> list[str]:
     return list(session.scalars(select(KnownDomain.domain)))
 
 
-def _finish_statement() -> Any:
+def _finish_statement(which: ColumnElement[bool]) -> Update:
     # The table in states.py allows exactly these two moves out of QUEUED here.
     check_message(MessageState.QUEUED, MessageState.DELIVERED)
     check_message(MessageState.QUEUED, MessageState.BOUNCED)
@@ -455,7 +483,7 @@ def _finish_statement() -> Any:
         select(_recipients.id)
         .where(
             _recipients.message_id == _messages.id,
-            _recipients.state.not_in(sorted(FINAL_RECIPIENT_STATES)),
+            _recipients.state.not_in(_each(_recipients.state, FINAL_RECIPIENT_STATES)),
         )
         .exists()
     )
@@ -470,7 +498,7 @@ def _finish_statement() -> Any:
     return (
         update(_MESSAGES)
         .where(
-            _messages.id.in_(bindparam("ids", expanding=True)),
+            which,
             _messages.state == MessageState.QUEUED,
             ~unfinished,
         )
@@ -485,19 +513,25 @@ def _finish_statement() -> Any:
     )
 
 
-_FINISH = _finish_statement()
+_FINISH = _finish_statement(_messages.id.in_(bindparam("ids", expanding=True)))
+_FINISH_ONE = Prepared(_finish_statement(_messages.id == bindparam("id")))
 
 
 def finish_messages(
     session: Session, message_ids: Iterable[str], now: datetime
 ) -> list[tuple[str, MessageState]]:
     """Move queued messages whose recipients are all final to delivered (at least one
-    delivered) or bounced, in one statement, and say which moved."""
+    delivered) or bounced, and say which moved: in one statement where a statement
+    costs a round trip (PostgreSQL), one a message on SQLite."""
     ids = list(set(message_ids))
     if not ids:
         return []
-    result = session.connection().execute(_FINISH, {"ids": ids, "now": now})
-    return [(mid, MessageState(state)) for mid, state in result.all()]
+    conn = session.connection()
+    if direct(conn):
+        moved = _FINISH_ONE.returning(conn, [{"id": mid, "now": now} for mid in ids])
+    else:
+        moved = [tuple(row) for row in conn.execute(_FINISH, {"ids": ids, "now": now})]
+    return [(mid, MessageState(state)) for mid, state in moved]
 
 
 async def extend_leases(

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -28,12 +28,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session as DbSession
 
 from gateway.app import Gateway
 from quarantine import repository
 from quarantine.models import Body, Message, Recipient
-from quarantine.repository import NewMessage
+from quarantine.prepared import Prepared
 from tests.conftest import PG_SKIP, PG_URL, Upstream, UpstreamSMTP, gateway_config, running
 from tests.test_crash_safety import (
     Client,
@@ -178,42 +177,29 @@ async def _accepted(port: int) -> str | None:
 async def test_disk_full_in_the_middle_of_a_commit_answers_451_and_writes_nothing(
     tmp_path: Path, store_url: str, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = repository.add_messages
     failures = [OSError(errno.ENOSPC, "No space left on device")]
 
-    def fail_between_statements(
-        session: DbSession, batch: Sequence[tuple[NewMessage, datetime]], lease: Any = None
-    ) -> Any:
-        if not failures:
-            return original(session, batch, lease)
-        # The message and body rows are written; the disk fills before the recipients
-        # (the third statement on the transaction's connection).
-        connection = session.connection
-        calls = 0
+    class Failing:
+        """The recipients' insert: the message and body rows are written, then the
+        disk fills (on either path a statement takes: cursor or SQLAlchemy)."""
 
-        class Failing:
-            def __init__(self, conn: Any) -> None:
-                self._conn = conn
+        def __init__(self, prepared: Prepared) -> None:
+            self._prepared = prepared
 
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self._conn, name)
+        def _fail(self) -> None:
+            if failures:
+                raise failures.pop()
 
-            def execute(self, *args: Any, **kwargs: Any) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls == 3:
-                    raise failures.pop()
-                return self._conn.execute(*args, **kwargs)
+        def execute(self, conn: Any, rows: Any) -> None:
+            self._fail()
+            self._prepared.execute(conn, rows)
 
-        session.connection = lambda *args, **kwargs: Failing(  # type: ignore[method-assign]
-            connection(*args, **kwargs)
-        )
-        try:
-            return original(session, batch, lease)
-        finally:
-            del session.connection
+        def returning(self, conn: Any, rows: Any) -> Any:
+            self._fail()
+            return self._prepared.returning(conn, rows)
 
-    monkeypatch.setattr(repository, "add_messages", fail_between_statements)
+    for name in ("_INSERT_RECIPIENTS", "_INSERT_RECIPIENTS_RETURNING"):
+        monkeypatch.setattr(repository, name, Failing(getattr(repository, name)))
     config = gateway_config(tmp_path, store_url, upstream.port)
     async with running(config) as gw:
         first = await submit(gw.smtp_port)
