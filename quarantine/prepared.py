@@ -12,6 +12,7 @@ transaction. On other drivers (PostgreSQL) it runs through SQLAlchemy as before.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,8 @@ class Prepared:
     def __init__(self, statement: UpdateBase, columns: Sequence[str] | None = None) -> None:
         self.statement = statement
         self._columns = list(columns) if columns is not None else None
-        self._compiled: dict[Dialect, _Compiled] = {}
+        # Per engine's dialect (its JSON serializer, say), not keeping it alive.
+        self._compiled: weakref.WeakKeyDictionary[Dialect, _Compiled] = weakref.WeakKeyDictionary()
 
     def compiled(self, dialect: Dialect) -> _Compiled:
         found = self._compiled.get(dialect)
