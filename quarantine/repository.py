@@ -4,6 +4,7 @@ never commits: the service layer owns the transaction (`async with store.transac
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -14,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Table,
+    Text,
     Update,
     and_,
     bindparam,
@@ -413,10 +415,17 @@ def _record_statement(which: ColumnElement[bool]) -> Update:
     )
 
 
-# Several recipients at once where a statement costs a round trip (PostgreSQL), one
-# at a time where it costs a few microseconds (SQLite, on the cursor).
+def _in_json(column: ColumnElement[Any]) -> ColumnElement[bool]:
+    """`column IN` the ids of a JSON array bound as one value (SQLite's json_each): a
+    `Prepared` statement takes no expanding IN list, and SQLite still looks each id
+    up by its key."""
+    ids = func.json_each(bindparam("ids_json", type_=Text())).table_valued("value")
+    return column.in_(select(ids.c.value))
+
+
+# An expanding IN list through SQLAlchemy (PostgreSQL); on SQLite, on the cursor.
 _RECORD = _record_statement(_recipients.id.in_(bindparam("ids", expanding=True)))
-_RECORD_ONE = Prepared(_record_statement(_recipients.id == bindparam("id")))
+_RECORD_SQLITE = Prepared(_record_statement(_in_json(_recipients.id)))
 
 
 def record_outcomes(
@@ -445,7 +454,7 @@ def record_outcomes(
             "finished_at": now if state in FINAL_RECIPIENT_STATES else None,
         }
         if direct(conn):
-            rows = _RECORD_ONE.returning(conn, [{**params, "id": rid} for rid in ids])
+            rows = _RECORD_SQLITE.returning(conn, [{**params, "ids_json": json.dumps(ids)}])
             kept.update(rid for (rid,) in rows)
         else:
             kept.update(conn.execute(_RECORD, {**params, "ids": ids}).scalars())
@@ -514,21 +523,20 @@ def _finish_statement(which: ColumnElement[bool]) -> Update:
 
 
 _FINISH = _finish_statement(_messages.id.in_(bindparam("ids", expanding=True)))
-_FINISH_ONE = Prepared(_finish_statement(_messages.id == bindparam("id")))
+_FINISH_SQLITE = Prepared(_finish_statement(_in_json(_messages.id)))
 
 
 def finish_messages(
     session: Session, message_ids: Iterable[str], now: datetime
 ) -> list[tuple[str, MessageState]]:
     """Move queued messages whose recipients are all final to delivered (at least one
-    delivered) or bounced, and say which moved: in one statement where a statement
-    costs a round trip (PostgreSQL), one a message on SQLite."""
+    delivered) or bounced, in one statement, and say which moved."""
     ids = list(set(message_ids))
     if not ids:
         return []
     conn = session.connection()
     if direct(conn):
-        moved = _FINISH_ONE.returning(conn, [{"id": mid, "now": now} for mid in ids])
+        moved = _FINISH_SQLITE.returning(conn, [{"ids_json": json.dumps(ids), "now": now}])
     else:
         moved = [tuple(row) for row in conn.execute(_FINISH, {"ids": ids, "now": now})]
     return [(mid, MessageState(state)) for mid, state in moved]
