@@ -228,9 +228,11 @@ class Delivery:
         # Also while a claiming round runs. Refused then, each message the round
         # missed made the next round, and that one the next message's: one client's
         # mail went on claiming every message alone (one in five of 3,000 sent in a
-        # row was claimed so, each a store transaction more). The round's claims may then start
-        # beside these, past `workers` by this commit's transactions at most; the
-        # transport's `connections` slots still bound what reaches the upstream.
+        # row, each a store transaction more). The round's claims may then start
+        # beside these, past `workers` by this commit's transactions at most: the
+        # extra sends wait for a worker slot (`_slots`), their leases renewed
+        # meanwhile like any send's (`_sending`), and none is claimed twice (intake's
+        # rows are inserted leased, so the round cannot take them).
         busy = len(self._inflight) - self._awaiting_record > NEARLY_IDLE
         if self._stopping or busy or self._reserved:
             return 0

@@ -8,6 +8,10 @@ each bind's processor taken from the column type's dialect implementation: the
 same SQL and the same stored values (datetimes, JSON, enums) as the Core path,
 executed straight on the cursor of the session's connection, inside the session's
 transaction. On other drivers (PostgreSQL) it runs through SQLAlchemy as before.
+
+On the cursor, a failure is the driver's own exception (`sqlite3.Error`), not
+SQLAlchemy's wrapper of it, and the engine's `echo` and event listeners do not see
+these statements: callers catch `Exception` (a failed commit is a 451).
 """
 
 from __future__ import annotations

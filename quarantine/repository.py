@@ -531,7 +531,7 @@ def finish_messages(
 ) -> list[tuple[str, MessageState]]:
     """Move queued messages whose recipients are all final to delivered (at least one
     delivered) or bounced, in one statement, and say which moved."""
-    ids = list(set(message_ids))
+    ids = list(dict.fromkeys(message_ids))  # once each, in the order given
     if not ids:
         return []
     conn = session.connection()
