@@ -496,6 +496,22 @@ domains = ["example.com"]
                 return int(line.split()[1]) * 1024
         raise Failure(f"no {key} in /proc/{self.pid}/status")
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of a one-process gateway's main thread (the event loop)
+        and of its other threads together (the store's thread, the most of them)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        main = others = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                stat = (task / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                cpu = (int(fields[11]) + int(fields[12])) / tick
+                if task.name == str(self.pid):
+                    main += cpu
+                else:
+                    others += cpu
+        return main, others
+
     def cpu_seconds(self) -> float:
         """User + system CPU of the gateway and its worker processes so far."""
         return sum(cpu for pid, (ppid, cpu) in proc_stats().items() if self.pid in (pid, ppid))
@@ -750,8 +766,17 @@ def relay_rounds(args: argparse.Namespace, tmp: Path) -> dict[str, list[Run]]:
                 if profiler:
                     stop_py_spy(profiler, args.py_spy)
                     profiler = None
+                threads = gw.thread_cpu() if gw and gw.processes == 1 else None
                 p50, p99 = accept_latency(args, name, port, sink)
                 runs[name].append(Run(accepted, end_to_end, p50, p99))
+                if gw and threads:
+                    # Where one session's latency goes: the GIL lets one thread run
+                    # Python at a time, so this CPU is spent one message after another.
+                    loop, store = (
+                        1000 * (after - before) / args.latency_messages
+                        for after, before in zip(gw.thread_cpu(), threads, strict=True)
+                    )
+                    note += f"; latency run, CPU a message: loop {loop:.2f} + store {store:.2f} ms"
                 print(
                     f"{round_no:<6}{name:<11}{accepted:>15.0f}{end_to_end:>18.0f}"
                     f"{p50:>9.2f}{p99:>9.2f}{os.getloadavg()[0]:>6.1f}{note}",
