@@ -86,6 +86,11 @@ def approvers_key(verdict: dict[str, Any] | None) -> str | None:
     return json.dumps([str(a) for a in verdict.get("approvers") or ()])
 
 
+def sender_address_key(mail_from: str | None) -> str | None:
+    """The `sender_address` column: the envelope sender, lowercased, as listings match it."""
+    return None if mail_from is None else str(mail_from).lower()
+
+
 def _row(context: DefaultExecutionContext) -> dict[str, Any]:
     """The values of the row being inserted (one row of an executemany too)."""
     row: dict[str, Any] = context.get_current_parameters()  # type: ignore[no-untyped-call]
@@ -97,8 +102,7 @@ def _approvers_default(context: DefaultExecutionContext) -> str | None:
 
 
 def _sender_address_default(context: DefaultExecutionContext) -> str | None:
-    mail_from = _row(context).get("mail_from")
-    return None if mail_from is None else str(mail_from).lower()
+    return sender_address_key(_row(context).get("mail_from"))
 
 
 class Message(Base):

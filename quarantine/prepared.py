@@ -62,7 +62,7 @@ class Prepared:
             missing = [c.key for c in (*compiled.insert_prefetch, *compiled.update_prefetch)]
             raise ValueError(f"give the values of columns with defaults: {', '.join(missing)}")
         if "POSTCOMPILE" in compiled.string:
-            raise ValueError("expanding parameters are not prepared; one row at a time")
+            raise ValueError("an expanding IN list is not prepared: bind it as one JSON array")
         binds = []
         for name in compiled.positiontup:
             bind = compiled.binds[name]
@@ -71,9 +71,10 @@ class Prepared:
             binds.append((name, processor, fixed))
         return _Compiled(compiled.string, tuple(binds))
 
-    def params(self, dialect: Dialect, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    @staticmethod
+    def params(compiled: _Compiled, values: Mapping[str, Any]) -> tuple[Any, ...]:
         out = []
-        for name, processor, fixed in self.compiled(dialect).binds:
+        for name, processor, fixed in compiled.binds:
             value = values[name] if fixed is _REQUIRED else values.get(name, fixed)
             out.append(value if processor is None else processor(value))
         return tuple(out)
@@ -83,12 +84,11 @@ class Prepared:
         if not rows:
             return
         if direct(conn):
-            cursor = _cursor(conn)
-            sql = self.compiled(conn.dialect).sql
+            cursor, compiled = _cursor(conn), self.compiled(conn.dialect)
             if len(rows) == 1:
-                cursor.execute(sql, self.params(conn.dialect, rows[0]))
+                cursor.execute(compiled.sql, self.params(compiled, rows[0]))
             else:
-                cursor.executemany(sql, [self.params(conn.dialect, row) for row in rows])
+                cursor.executemany(compiled.sql, [self.params(compiled, row) for row in rows])
             return
         conn.execute(self.statement, rows[0] if len(rows) == 1 else list(rows))
 
@@ -100,11 +100,10 @@ class Prepared:
         if not rows:
             return []
         if direct(conn):
-            cursor = _cursor(conn)
-            sql = self.compiled(conn.dialect).sql
+            cursor, compiled = _cursor(conn), self.compiled(conn.dialect)
             found: list[tuple[Any, ...]] = []
             for row in rows:  # SQLite's executemany returns nothing
-                cursor.execute(sql, self.params(conn.dialect, row))
+                cursor.execute(compiled.sql, self.params(compiled, row))
                 found.extend(tuple(r) for r in cursor.fetchall())
             return found
         parameters = rows[0] if len(rows) == 1 else list(rows)

@@ -37,7 +37,14 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from policies.clients import domain_of  # the one normal form: what the rules compare
-from quarantine.models import Body, KnownDomain, Message, Recipient, approvers_key
+from quarantine.models import (
+    Body,
+    KnownDomain,
+    Message,
+    Recipient,
+    approvers_key,
+    sender_address_key,
+)
 from quarantine.prepared import Prepared, direct
 from quarantine.states import (
     DUE_RECIPIENT_STATES,
@@ -101,7 +108,7 @@ def add_messages(
     from the insert itself)."""
     conn = session.connection()  # Core statements: the ORM session adds only cost here
     _INSERT_MESSAGES.execute(conn, [_message_row(new, now) for new, now in batch])
-    streamed = conn.dialect.driver == "pysqlite"
+    streamed = direct(conn)  # SQLite: its blob API takes a large body in pieces
     large = {new.id: new.raw for new, _ in batch if streamed and len(new.raw) >= STREAMED_BODY}
     small = [{"message_id": new.id, "raw": new.raw} for new, _ in batch if new.id not in large]
     _INSERT_BODIES.execute(conn, small)
@@ -204,7 +211,7 @@ def _message_row(new: NewMessage, now: datetime) -> dict[str, Any]:
         "finished_at": None,
         # What the columns' defaults would derive, given here: no default runs.
         "approvers": approvers_key(new.verdict),
-        "sender_address": new.mail_from.lower(),
+        "sender_address": sender_address_key(new.mail_from),
     }
 
 
